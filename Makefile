@@ -1,0 +1,37 @@
+# qwenrun — the two README commands live here: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   := torch==2.13.0
+STAMP   := $(VENV)/.qwenrun-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup demo serve-demo test bench clean
+
+setup: $(STAMP)
+
+# Re-run set-up whenever the package metadata changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Pin torch first: the CPU build on local disk; an unpinned torch would pull a CUDA build.
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Build (or reuse) the AVX2 kernels once, so no test or request pays the compile.
+	$(BIN)/python -m qwenrun.quant.kernels --build || true
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/qwenrun chat demo
+
+serve-demo: setup
+	$(BIN)/qwenrun serve demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra --junitxml=.pytest-results.xml $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest-results.xml build src/*.egg-info

@@ -1,0 +1,214 @@
+"""LLMEngine: add_request / abort_request / step over the scheduler, runner and output processor.
+
+``step()`` = schedule → run the model → update sequences (tokens, token-level stops) → text and
+stop strings → RequestOutputs for every request that changed. Single-threaded; AsyncLLM drives it
+from a background thread."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import ContextLengthError
+from ..loader import LoadedModel, load
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
+from .block_manager import BlockManager
+from .memory import plan_kv_pool
+from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
+from .sampler import Sampler
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("qwenrun")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    aborted: bool = False
+    prompt_logprobs: list | None = field(default=None)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, progress: bool = True) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        from ..quant import quantizer_for  # local: quant pulls optional kernels
+
+        self.loaded = loaded or load(config, progress=progress, on_linear=quantizer_for(config))
+        lm = self.loaded
+        self.model_config = lm.config
+        self.tokenizer = lm.tokenizer
+        self.generation_defaults = lm.generation_defaults
+        self.plan = plan_kv_pool(config, lm)
+        self.max_model_len = self.plan.max_model_len
+        self.cache = self.plan.allocate()
+        self.block_manager = BlockManager(self.plan.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   max(config.max_num_batched_tokens, 1))
+        valid_vocab = len(self.tokenizer) if self.tokenizer is not None else None
+        self.runner = ModelRunner(lm.model, self.cache, Sampler(lm.config.vocab_size, valid_vocab), lm.device)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
+        self._eos = frozenset(lm.generation_defaults.eos_token_id or lm.config.eos_token_id)
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
+
+    # -- requests -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("a prompt must be a string or a list of token ids")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        if not isinstance(prompt_token_ids, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt_token_ids):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return list(prompt_token_ids)
+
+    def check_fits(self, num_prompt: int, max_tokens: int | None) -> None:
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise ContextLengthError(f"the prompt has {num_prompt} tokens but the context is {limit} tokens "
+                                     f"(at least one must be left to generate)")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise ContextLengthError(f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) is "
+                                     f"{num_prompt + max_tokens}, more than the context of {limit} tokens")
+
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = (params or SamplingParams()).resolve(self.generation_defaults)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", list(params.logit_bias or ())), ("stop_token_ids", params.stop_token_ids or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        ids = self.encode_prompt(prompt, prompt_token_ids)
+        self.check_fits(len(ids), params.max_tokens)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, ids, params, self._eos, self.max_model_len)
+            # Distinct but reproducible streams for the n samples of one seeded request.
+            seq.seed = (base_seed + i * 0x9E3779B97F4A7C15) % (1 << 63)
+            if i and self.config.enable_prefix_caching and params.prompt_logprobs is None:
+                seq.wait_for = seqs[0]  # share the prompt's KV blocks through the prefix cache
+            seqs.append(seq)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        req = Request(request_id, prompt, ids, params, seqs,
+                      RequestMetrics(arrival_time=arrival_time or time.time()))
+        self.requests[request_id] = req
+        self.stats["prompt_tokens"] += len(ids)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free every block it holds; safe to call at any moment."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.time()
+        for s in sched.scheduled:
+            req = self.requests.get(s.seq.request_id)
+            if req is not None and req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        sampled = self.runner.execute(sched)
+        got = self.scheduler.update(sched, sampled)
+        changed: dict[str, Request] = {}
+        now = time.time()
+        for seq in got:
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue
+            self.stats["generation_tokens"] += 1
+            stop = self.output_processor.process(seq, [seq.token_ids[-1]])
+            if stop is not None:
+                self.scheduler.finish(seq, "stop", stop)
+            elif seq.is_finished:
+                self.output_processor.process(seq, [])  # flush held bytes
+            m = req.metrics
+            m.first_token_time = m.first_token_time or now
+            m.last_token_time = now
+            changed[req.request_id] = req
+        outputs = []
+        for req in changed.values():
+            if req.finished:
+                req.metrics.finished_time = now
+                self.requests.pop(req.request_id, None)
+                self.stats["finished"] += 1
+            outputs.append(self._output(req))
+        return outputs
+
+    def _output(self, req: Request) -> RequestOutput:
+        comps = []
+        for seq in req.seqs:
+            comps.append(CompletionOutput(
+                index=seq.index,
+                text=self.output_processor.visible_text(seq),
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if req.params.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason if seq.is_finished else None,
+                stop_reason=seq.stop_reason,
+            ))
+        first = req.seqs[0]
+        req.metrics.num_cached_tokens = first.num_cached_tokens
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            outputs=comps, finished=req.finished or req.aborted,
+            prompt_logprobs=list(first.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
+            metrics=req.metrics, num_cached_tokens=first.num_cached_tokens)
+
+    # -- introspection (metrics) -----------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.block_manager.usage

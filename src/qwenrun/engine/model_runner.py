@@ -1,0 +1,126 @@
+"""ModelRunner: SchedulerOutput → one forward over a flat token batch → sampled tokens.
+
+Batch order: single-token steps (decodes) first, attended together in one padded batch, then
+multi-token spans (prefill chunks). The LM head runs only on rows that need logits: each sampling
+sequence's last token, and prompt positions of requests that asked for prompt_logprobs."""
+from __future__ import annotations
+
+import torch
+
+from ..layers.attention import AttentionMetadata, PrefillSpan
+from .kv_cache import KVCache
+from .sampler import Sampler
+from .scheduler import ScheduledSeq, SchedulerOutput
+from .sequence import Sequence
+
+_PROMPT_LOGPROB_ROWS = 256  # LM-head rows per chunk for prompt_logprobs ([rows, V] fp32 each)
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, sampler: Sampler, device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.device = device
+        self.block_size = cache.block_size
+        self.num_forward_tokens = 0  # statistics
+        self.num_steps = 0
+        self.max_batch_seqs = 0
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """[end-start] cache slots of positions start..end-1 of seq."""
+        bs = self.block_size
+        bt = torch.tensor(seq.block_table[start // bs:(end - 1) // bs + 1], dtype=torch.long)
+        pos = torch.arange(start, end)
+        return bt[(pos // bs) - start // bs] * bs + pos % bs
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[int, int]:
+        """Run one step; returns {seq_id: sampled token}. Appends logprobs to the sequences."""
+        dev = self.device
+        items = sorted(sched.scheduled, key=lambda s: s.num_tokens > 1)  # decodes first (stable)
+        decodes = [s for s in items if s.num_tokens == 1]
+        ids: list[int] = []
+        pos_parts, slot_parts = [], []
+        for s in items:
+            ids.extend(s.seq.token_ids[s.start:s.start + s.num_tokens])
+            pos_parts.append(torch.arange(s.start, s.start + s.num_tokens))
+            slot_parts.append(self._slots(s.seq, s.start, s.start + s.num_tokens))
+        positions = torch.cat(pos_parts)
+        slot_mapping = torch.cat(slot_parts)
+        meta = AttentionMetadata(slot_mapping=slot_mapping.to(dev), num_decode=len(decodes))
+        if decodes:
+            meta.decode_slots, meta.decode_context_lens = self._decode_slots(decodes, slot_mapping[:len(decodes)])
+        offset = len(decodes)
+        for s in items[len(decodes):]:
+            ctx = s.start + s.num_tokens
+            slots = self._slots(s.seq, 0, ctx).to(dev) if s.start > 0 else None
+            meta.prefills.append(PrefillSpan(offset, s.num_tokens, ctx, slots))
+            offset += s.num_tokens
+
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        hidden = self.model(input_ids, positions.to(dev), meta, self.cache)  # [N, D]
+        self.num_forward_tokens += len(ids)
+        self.num_steps += 1
+        self.max_batch_seqs = max(self.max_batch_seqs, len(items))
+
+        # Rows to sample: the last token of every sequence that finishes its pending tokens.
+        sample_rows, sample_seqs, offset = [], [], 0
+        for s in items:
+            if s.samples:
+                sample_rows.append(offset + s.num_tokens - 1)
+                sample_seqs.append(s.seq)
+            if s.seq.wants_prompt_logprobs:
+                self._prompt_logprobs(s, hidden[offset:offset + s.num_tokens])
+            offset += s.num_tokens
+        if not sample_rows:
+            return {}
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [B, V] fp32
+        for seq in sample_seqs:
+            if seq.generator is None and seq.params.temperature != 0:
+                seq.generator = torch.Generator(device=dev)
+                seq.generator.manual_seed(seq.seed if seq.seed is not None else 0)
+        result = self.sampler(logits, sample_seqs)
+        for seq, tok, lp in zip(sample_seqs, result.token_ids, result.logprobs):
+            if lp is not None:
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += lp[tok]
+        return {seq.seq_id: tok for seq, tok in zip(sample_seqs, result.token_ids)}
+
+    def _decode_slots(self, decodes: list[ScheduledSeq], new_slots: torch.Tensor):
+        """[B, L] slots of every decode's context (padding repeats the new token's slot, which
+        holds real data, so masked lanes never see uninitialised memory) and [B] context lengths."""
+        bs = self.block_size
+        lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
+        max_len = int(lens.max())
+        nblk = -(-max_len // bs)
+        bt = torch.zeros(len(decodes), nblk, dtype=torch.long)
+        for b, s in enumerate(decodes):
+            table = s.seq.block_table[:nblk]
+            bt[b, :len(table)] = torch.tensor(table, dtype=torch.long)
+        slots = (bt[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]  # [B, L]
+        j = torch.arange(max_len)[None, :]
+        slots = torch.where(j < lens[:, None], slots, new_slots[:, None])
+        return slots.to(self.device), lens.to(self.device)
+
+    def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> None:
+        """Logprob of each prompt token given the ones before it (first token: None)."""
+        seq, k = s.seq, s.seq.params.prompt_logprobs
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        # Position p predicts token p+1; only prompt tokens are scored.
+        end = min(s.start + s.num_tokens, seq.prompt_len - 1)
+        first = max(s.start, len(seq.prompt_logprobs) - 1)  # a recompute after preemption skips done rows
+        for r0 in range(first, end, _PROMPT_LOGPROB_ROWS):
+            r1 = min(end, r0 + _PROMPT_LOGPROB_ROWS)
+            lp = torch.log_softmax(self.model.compute_logits(hidden[r0 - s.start:r1 - s.start]), dim=-1)
+            nxt = torch.tensor(seq.token_ids[r0 + 1:r1 + 1], dtype=torch.long, device=lp.device)
+            chosen = lp.gather(1, nxt[:, None])[:, 0].tolist()
+            if k:
+                tv, ti = lp.topk(k, dim=-1)
+                tv, ti = tv.tolist(), ti.tolist()
+            for r in range(r1 - r0):
+                d = dict(zip(ti[r], tv[r])) if k else {}
+                d[int(nxt[r])] = chosen[r]
+                seq.prompt_logprobs.append(d)

@@ -1,0 +1,99 @@
+"""The synchronous Python API, shaped like vLLM's ``LLM``."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from .chat_template import render_chat
+from .config import EngineConfig
+from .engine.llm_engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+
+class LLM:
+    """Load a model once, then ``generate()`` / ``chat()`` through the batching engine.
+
+    ``model``: a hub id (``Qwen/Qwen1.5-4B-Chat[@rev]``), a local HF directory, a .gguf file, or
+    ``"demo"``. Keyword options are EngineConfig fields: dtype, device, quantization,
+    max_model_len, kv_cache_dtype, kv_cache_memory, enable_prefix_caching, seed, ..."""
+
+    def __init__(self, model: str = "Qwen/Qwen1.5-4B-Chat", *, progress: bool = False, **kwargs: Any) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = LLMEngine(self.config, progress=progress)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def generate(self, prompts: str | Seq[str] | None = None,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                 prompt_token_ids: Seq[int] | Seq[Seq[int]] | None = None) -> list[RequestOutput]:
+        """Run every prompt through the engine at once (continuously batched); outputs keep the
+        order of the prompts."""
+        if prompts is not None and prompt_token_ids is not None:
+            raise ValueError("pass prompts or prompt_token_ids, not both")
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("generate() needs prompts or prompt_token_ids")
+        if prompts is not None:
+            items = [(p, None) for p in ([prompts] if isinstance(prompts, str) else list(prompts))]
+        else:
+            ids = list(prompt_token_ids)
+            if ids and isinstance(ids[0], int):
+                ids = [ids]
+            items = [(None, list(x)) for x in ids]
+        if not items:
+            return []
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} sampling_params for {len(items)} prompts")
+        return self._run(items, params)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        """Chat completion(s) with the model's own template; unset sampling values take the
+        model's generation_config defaults."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                            continue_final_message=continue_final_message,
+                                            chat_template=chat_template) for c in convs]
+        return self.generate(prompts, sampling_params)
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, chat_template: str | None = None) -> str:
+        tok = self.get_tokenizer()
+        return render_chat(chat_template or tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message,
+                           special_tokens={"bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                                           "pad_token": tok.pad_token})
+
+    def _run(self, items: list[tuple[str | None, list[int] | None]], params: list[SamplingParams]) -> list[RequestOutput]:
+        eng = self.engine
+        ids = []
+        try:
+            for (prompt, toks), sp in zip(items, params):
+                rid = f"llm-{next(self._ids)}"
+                eng.add_request(rid, prompt, sp, prompt_token_ids=toks)
+                ids.append(rid)
+            final: dict[str, RequestOutput] = {}
+            while len(final) < len(ids):
+                for out in eng.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in ids:  # a bad prompt or Ctrl-C: leave the engine clean
+                eng.abort_request(rid)
+            raise
+        return [final[r] for r in ids]
