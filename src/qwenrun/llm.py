@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence as Seq
+from collections.abc import Iterator, Sequence as Seq
 from typing import Any
 
 from .chat_template import render_chat
@@ -24,6 +24,14 @@ class LLM:
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = LLMEngine(self.config, progress=progress)
         self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = False) -> "LLM":
+        self = cls.__new__(cls)
+        self.config = config
+        self.engine = LLMEngine(config, progress=progress)
+        self._ids = itertools.count()
+        return self
 
     def get_tokenizer(self) -> Tokenizer:
         if self.engine.tokenizer is None:
@@ -78,6 +86,24 @@ class LLM:
                            continue_final_message=continue_final_message,
                            special_tokens={"bos_token": tok.bos_token, "eos_token": tok.eos_token,
                                            "pad_token": tok.pad_token})
+
+    def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None, *,
+               prompt_token_ids: list[int] | None = None) -> Iterator[RequestOutput]:
+        """Yield cumulative RequestOutputs of one request as tokens arrive. Closing the iterator
+        early (or Ctrl-C) aborts the request and frees its blocks."""
+        eng = self.engine
+        rid = f"llm-{next(self._ids)}"
+        eng.add_request(rid, prompt, sampling_params, prompt_token_ids=prompt_token_ids)
+        done = False
+        try:
+            while not done:
+                for out in eng.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                eng.abort_request(rid)
 
     def _run(self, items: list[tuple[str | None, list[int] | None]], params: list[SamplingParams]) -> list[RequestOutput]:
         eng = self.engine

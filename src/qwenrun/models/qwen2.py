@@ -131,7 +131,8 @@ class Qwen2ForCausalLM(nn.Module):
 
         Tensors already in ``dtype`` on ``device`` are used as they are (mmap-backed safetensors
         stay file-backed: no second copy). ``on_linear(name, module)`` runs as soon as a linear's
-        weight and bias are both in place (e.g. to quantize it), so peak memory holds at most one
+        weight and bias are both in place and may return a replacement module (e.g. a quantized
+        linear), so peak memory holds at most one
         dense linear beyond the quantized model."""
         params = dict(self.named_parameters(remove_duplicate=False))
         expected = set(params)
@@ -162,7 +163,7 @@ class Qwen2ForCausalLM(nn.Module):
             seen.add(name)
             if on_linear is not None and isinstance(mod, nn.Linear):
                 if all(f"{mod_name}.{n}" in seen for n, q in mod.named_parameters(recurse=False) if q is not None):
-                    on_linear(mod_name, mod)
+                    self._swap(mod_name, on_linear(mod_name, mod), modules)
         missing = sorted(expected - seen)
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -170,5 +171,13 @@ class Qwen2ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
             if on_linear is not None:
-                on_linear("lm_head", self.lm_head)
+                self._swap("lm_head", on_linear("lm_head", self.lm_head), modules)
         return in_place
+
+    def _swap(self, name: str, new: nn.Module | None, modules: dict[str, nn.Module]) -> None:
+        """Put ``new`` (e.g. a quantized linear) where module ``name`` was."""
+        if new is None:
+            return
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else self, leaf, new)
+        modules[name] = new
