@@ -103,8 +103,8 @@ def load_llm(args: argparse.Namespace):
 
 # -- subcommands ---------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # validate before spending time on loading
     llm = load_llm(args)
-    params = sampling_params(args)
     prompt = args.prompt
     if args.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])

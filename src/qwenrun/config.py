@@ -87,6 +87,14 @@ class ModelConfig:
             arch = "Qwen2ForCausalLM"
         else:
             arch = str(model_type)
+        d = dict(d)
+        # transformers >= 5 writes RoPE settings as rope_parameters {rope_theta, rope_type, ...}.
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict):
+            if "rope_theta" in rope:
+                d.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type") not in (None, "default"):
+                d.setdefault("rope_scaling", rope)
         scaling = d.get("rope_scaling")
         if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
             raise ValueError(
