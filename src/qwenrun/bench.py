@@ -1,0 +1,171 @@
+"""``qwenrun bench latency|throughput``: speed measured against the machine's own limits.
+
+Each run first measures the limits that bind inference on this machine: the memory-read ceiling
+(GB/s streaming a buffer far larger than cache) and the fp32 matmul compute peak (GFLOP/s). Decode
+is then reported as tokens/s and as GB/s of weights (+ KV) read against the ceiling; prefill as
+tokens/s and GFLOP/s against the compute peak. One JSON line per result on stdout."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def measure_limits(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Memory-read ceiling (GB/s) and fp32 matmul peak (GFLOP/s), medians of ``repeats``."""
+    n = (1 << 30) // 4 if device.type == "cpu" else (4 << 30) // 4
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    bw = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        bw.append(x.nbytes / (time.perf_counter() - t) / 1e9)
+    del x
+    m = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(m, m, device=device)
+    fl = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ a
+        _sync(device)
+        fl.append(2 * m ** 3 / (time.perf_counter() - t) / 1e9)
+    return {"mem_read_gbps": statistics.median(bw[1:]), "fp32_gflops": statistics.median(fl[1:])}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _linear_bytes_and_params(model) -> tuple[int, int]:
+    """Bytes of weight read per decoded token (every linear incl. the LM head) and linear params."""
+    total_b, total_p = 0, 0
+    for name, mod in model.named_modules():
+        if name.endswith(("_proj", "lm_head")):
+            wb = getattr(mod, "weight_bytes", None)
+            if wb is None:
+                wb = mod.weight.numel() * mod.weight.element_size()
+            total_b += wb
+            total_p += mod.in_features * mod.out_features
+    return total_b, total_p
+
+
+def _header(args, eng, limits: dict) -> dict:
+    lm = eng.loaded
+    return {
+        "model": lm.name, "random_weights": bool(args.random_weights), "device": str(lm.device),
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "dtype": str(lm.dtype).replace("torch.", ""), "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype, "commit": _commit(), **{k: round(v, 2) for k, v in limits.items()},
+    }
+
+
+def _emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def _prompt(eng, n: int, salt: int) -> list[int]:
+    vocab = min(eng.model_config.vocab_size, len(eng.tokenizer) if eng.tokenizer else 10 ** 9) - 1
+    g = torch.Generator().manual_seed(salt)
+    return torch.randint(1000, max(1001, vocab - 1000), (n,), generator=g).tolist()
+
+
+def run_latency(args, eng, limits: dict) -> None:
+    """Batch-1 prefill of input_len tokens, then output_len decode steps; medians of repeats."""
+    wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
+    pre, dec = [], []
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, repetition_penalty=1.0)
+    for r in range(args.repeats + 1):  # first round warms up
+        eng.block_manager.reset_prefix_cache()
+        eng.add_request(f"lat{r}", None, params, prompt_token_ids=_prompt(eng, args.input_len, r))
+        t0 = time.perf_counter()
+        steps = []
+        while eng.has_unfinished_requests():
+            eng.step()
+            steps.append(time.perf_counter())
+        # prefill may span several steps if input_len > the step budget: the first token ends it
+        n_prefill = -(-args.input_len // eng.config.max_num_batched_tokens)
+        t_first = steps[n_prefill - 1]
+        if r:
+            pre.append(args.input_len / (t_first - t0))
+            dec.append((len(steps) - n_prefill) / (steps[-1] - t_first))
+    p, d = statistics.median(pre), statistics.median(dec)
+    kv_read = eng.plan.bytes_per_token * (args.input_len + args.output_len / 2)
+    gbps = (wbytes + kv_read) * d / 1e9
+    gflops = 2 * lparams * p / 1e9
+    base = _header(args, eng, limits)
+    _emit({**base, "bench": "prefill", "batch": 1, "input_len": args.input_len, "tokens_per_s": round(p, 2),
+           "gflops": round(gflops, 1), "pct_of_compute_peak": round(100 * gflops / limits["fp32_gflops"], 1)})
+    _emit({**base, "bench": "decode", "batch": 1, "context": args.input_len, "output_len": args.output_len,
+           "tokens_per_s": round(d, 2), "weight_gb": round(wbytes / 1e9, 3), "gbps": round(gbps, 2),
+           "pct_of_mem_ceiling": round(100 * gbps / limits["mem_read_gbps"], 1),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
+
+
+def run_throughput(args, eng, limits: dict) -> None:
+    """Aggregate generation throughput with B concurrent sequences (all admitted at once)."""
+    wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
+    base = _header(args, eng, limits)
+    for b in [int(x) for x in str(args.batch_sizes).split(",") if x]:
+        params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, repetition_penalty=1.0)
+        results = []
+        for r in range(max(1, args.repeats)):
+            eng.block_manager.reset_prefix_cache()
+            for i in range(b):
+                eng.add_request(f"tp{b}-{r}-{i}", None, params, prompt_token_ids=_prompt(eng, args.input_len, 7 * i + r))
+            t0 = time.perf_counter()
+            t_decode, produced_at = None, 0
+            while eng.has_unfinished_requests():
+                eng.step()
+                if t_decode is None and eng.num_waiting == 0 and all(
+                        s.num_computed_tokens >= s.prompt_len for s in eng.scheduler.running):
+                    t_decode, produced_at = time.perf_counter(), sum(
+                        s.num_output_tokens for s in eng.scheduler.running)
+            t1 = time.perf_counter()
+            total_out = b * args.output_len
+            dec_tps = (total_out - produced_at) / (t1 - t_decode) if t_decode and t1 > t_decode else float("nan")
+            results.append((total_out / (t1 - t0), dec_tps, t1 - t0))
+        e2e = statistics.median(r[0] for r in results)
+        dec = statistics.median(r[1] for r in results)
+        gflops = 2 * lparams * dec / 1e9
+        _emit({**base, "bench": "throughput", "batch": b, "input_len": args.input_len, "output_len": args.output_len,
+               "output_tokens_per_s": round(e2e, 2), "decode_tokens_per_s": round(dec, 2),
+               "seconds": round(statistics.median(r[2] for r in results), 2),
+               "decode_gflops": round(gflops, 1), "pct_of_compute_peak": round(100 * gflops / limits["fp32_gflops"], 1),
+               "decode_weight_gbps": round(wbytes * dec / b / 1e9, 2),
+               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
+
+
+def bench_main(args) -> int:
+    from .cli import engine_config
+    from .engine.llm_engine import LLMEngine
+
+    cfg = engine_config(args)
+    eng = LLMEngine(cfg, progress=sys.stderr.isatty())
+    print(f"# {eng.plan.report()}; loaded in {eng.loaded.load_seconds:.1f}s", file=sys.stderr)
+    limits = measure_limits(eng.loaded.device)
+    if args.bench_kind == "latency":
+        run_latency(args, eng, limits)
+    else:
+        run_throughput(args, eng, limits)
+    return 0
