@@ -10,6 +10,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from tiny import write_tiny_checkpoint  # noqa: E402
 
+# Equivalence tests run on every device present: the CPU always, a CUDA GPU when there is one.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qwenrun import LLM, SamplingParams
+from conftest import DEVICES
 from tiny import hf_model
 
 PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny model: layers * (K,V) * kv_heads * head_dim * fp32 bytes
@@ -18,10 +19,10 @@ def greedy(max_tokens=12, **kw):
                           logprobs=2, **kw)
 
 
-def make_llm(path, **kw):
+def make_llm(path, device="cpu", **kw):
     kw.setdefault("kv_cache_memory", 0.02)
     kw.setdefault("max_model_len", 256)
-    return LLM(str(path), dtype="float32", block_size=4, **kw)
+    return LLM(str(path), dtype="float32", block_size=4, device=device, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +46,30 @@ def assert_same(outs, ref):
             assert max(abs(a[k] - b[k]) for k in a) <= 1e-5
 
 
-def test_alone_vs_sixteen_mixed_prompts_together(tiny_dir, prompts, reference):
-    llm = make_llm(tiny_dir, enable_prefix_caching=False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_alone_vs_sixteen_mixed_prompts_together(tiny_dir, prompts, reference, device):
+    llm = make_llm(tiny_dir, device, enable_prefix_caching=False)
     outs = [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy())]
     assert llm.engine.runner.max_batch_seqs == 16  # really batched
     assert_same(outs, reference)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 7, 100000])
-def test_chunked_prefill(tiny_dir, prompts, reference, chunk):
-    llm = make_llm(tiny_dir, enable_prefix_caching=False, max_num_batched_tokens=chunk)
+def test_chunked_prefill(tiny_dir, prompts, reference, chunk, device):
+    llm = make_llm(tiny_dir, device, enable_prefix_caching=False, max_num_batched_tokens=chunk)
     outs = [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy())]
     assert_same(outs, reference)
 
 
-def test_prefix_cache_on_vs_off(tiny_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_cache_on_vs_off(tiny_dir, device):
     rng = random.Random(1)
     shared = [rng.randrange(3, 390) for _ in range(23)]
     ps = [shared + [rng.randrange(3, 390) for _ in range(k)] for k in (1, 5, 9, 0)] + [shared[:9]]
     off = make_llm(tiny_dir, enable_prefix_caching=False)
     ref = [off.generate(prompt_token_ids=[p], sampling_params=greedy())[0].outputs[0] for p in ps]
-    on = make_llm(tiny_dir, enable_prefix_caching=True)
+    on = make_llm(tiny_dir, device, enable_prefix_caching=True)
     first = on.generate(prompt_token_ids=[ps[0]], sampling_params=greedy())[0]
     outs = [first.outputs[0]] + [o.outputs[0] for o in on.generate(prompt_token_ids=ps[1:], sampling_params=greedy())]
     assert on.engine.block_manager.prefix_hits >= 20  # the shared 5 blocks were reused
@@ -75,9 +79,10 @@ def test_prefix_cache_on_vs_off(tiny_dir):
     assert_same(again, ref)
 
 
-def test_preempted_and_resumed_vs_never_preempted(tiny_dir, prompts, reference):
+@pytest.mark.parametrize("device", DEVICES)
+def test_preempted_and_resumed_vs_never_preempted(tiny_dir, prompts, reference, device):
     # 40 blocks of 4 tokens: far less than 16 sequences need, so the scheduler must preempt.
-    llm = make_llm(tiny_dir, enable_prefix_caching=False, kv_cache_memory=160 * PER_TOKEN / 2**30,
+    llm = make_llm(tiny_dir, device, enable_prefix_caching=False, kv_cache_memory=160 * PER_TOKEN / 2**30,
                    max_model_len=64)
     outs = [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=greedy())]
     assert llm.engine.scheduler.num_preemptions > 0
@@ -115,8 +120,9 @@ def sample(**kw):
     return SamplingParams(**kw)
 
 
-def test_seed_reproducible_alone_or_in_any_batch(tiny_dir, prompts):
-    llm = make_llm(tiny_dir)
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_reproducible_alone_or_in_any_batch(tiny_dir, prompts, device):
+    llm = make_llm(tiny_dir, device)
     alone = llm.generate(prompt_token_ids=[prompts[0]], sampling_params=sample(seed=1234))[0].outputs[0].token_ids
     batch_params = [sample(seed=1234)] + [sample(seed=i) for i in range(7)]
     batched = llm.generate(prompt_token_ids=[prompts[0]] + prompts[1:8], sampling_params=batch_params)

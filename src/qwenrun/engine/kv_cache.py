@@ -25,12 +25,22 @@ def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torc
     raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}")
 
 
+# Channels sharing one scale: 32, as llama.cpp's q8_0 KV blocks. Qwen2 keys carry outlier channels
+# (|k| up to ~160 next to a median of ~2 in the demo model's early layers); groups of 32 cut the
+# relative error from 0.85-1.26% (one scale per head) to 0.70-1.03% for 12.5% more scale memory.
+KV_SCALE_GROUP = 32
+
+
+def scale_group(head_dim: int) -> int:
+    return KV_SCALE_GROUP if head_dim % KV_SCALE_GROUP == 0 else head_dim
+
+
 def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Pool bytes one token of context costs (K and V, all layers, scales included)."""
     elem = torch.empty((), dtype=dtype).element_size()
     per = 2 * num_layers * kv_heads * head_dim * elem
     if dtype in _QMAX:
-        per += 2 * num_layers * kv_heads * 4  # fp32 scale per token and head
+        per += 2 * num_layers * kv_heads * (head_dim // scale_group(head_dim)) * 4  # fp32 scales
     return per
 
 
@@ -45,8 +55,9 @@ class KVCache:
         # ever read before it is written: contexts only cover written positions, and padded decode
         # lanes point at the step's own freshly written slot (see ModelRunner._decode_slots).
         self.data = torch.empty(num_layers, 2, self.num_slots, kv_heads, head_dim, dtype=dtype, device=device)
-        self.scales = (torch.empty(num_layers, 2, self.num_slots, kv_heads, 1, dtype=torch.float32, device=device)
-                       if self.quantized else None)
+        self.group = scale_group(head_dim)
+        self.scales = (torch.empty(num_layers, 2, self.num_slots, kv_heads, head_dim // self.group, 1,
+                                   dtype=torch.float32, device=device) if self.quantized else None)
 
     @property
     def nbytes(self) -> int:
@@ -59,12 +70,13 @@ class KVCache:
             self.data[layer, 1].index_copy_(0, slots, v.to(self.dtype))
             return
         qmax = _QMAX[self.dtype]
+        n, h, d = k.shape
         for i, x in ((0, k), (1, v)):
-            x32 = x.float()
-            scale = (x32.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=1e-8)  # [N, Hkv, 1]
+            x32 = x.float().view(n, h, d // self.group, self.group)
+            scale = (x32.abs().amax(dim=-1, keepdim=True) / qmax).clamp_(min=1e-8)  # [N, Hkv, d/G, 1]
             q = x32 / scale
             q = q.round_().clamp_(-qmax, qmax).to(self.dtype) if self.dtype == torch.int8 else q.to(self.dtype)
-            self.data[layer, i].index_copy_(0, slots, q)
+            self.data[layer, i].index_copy_(0, slots, q.view(n, h, d))
             self.scales[layer, i].index_copy_(0, slots, scale)
 
     def read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +86,8 @@ class KVCache:
         k = self.data[layer, 0].index_select(0, flat)
         v = self.data[layer, 1].index_select(0, flat)
         if self.quantized:
-            k = k.to(torch.float32).mul_(self.scales[layer, 0].index_select(0, flat))
-            v = v.to(torch.float32).mul_(self.scales[layer, 1].index_select(0, flat))
+            m, h, d = k.shape
+            g = (m, h, d // self.group, self.group)
+            k = k.to(torch.float32).view(g).mul_(self.scales[layer, 0].index_select(0, flat)).view(m, h, d)
+            v = v.to(torch.float32).view(g).mul_(self.scales[layer, 1].index_select(0, flat)).view(m, h, d)
         return k.to(dtype).view(shape), v.to(dtype).view(shape)
