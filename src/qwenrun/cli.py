@@ -77,6 +77,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of the request's sampler")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -84,7 +85,7 @@ def sampling_params(args: argparse.Namespace):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.sampling_seed, stop=args.stop)
+                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def load_llm(args: argparse.Namespace):
