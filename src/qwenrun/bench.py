@@ -95,7 +95,7 @@ def run_latency(args, eng, limits: dict) -> None:
     wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
     pre, dec = [], []
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, repetition_penalty=1.0)
-    for r in range(args.repeats + 1):  # first round warms up
+    for r in range(args.warmup + args.repeats):
         eng.block_manager.reset_prefix_cache()
         eng.add_request(f"lat{r}", None, params, prompt_token_ids=_prompt(eng, args.input_len, r))
         t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def run_latency(args, eng, limits: dict) -> None:
         # prefill may span several steps if input_len > the step budget: the first token ends it
         n_prefill = -(-args.input_len // eng.config.max_num_batched_tokens)
         t_first = steps[n_prefill - 1]
-        if r:
+        if r >= args.warmup:
             pre.append(args.input_len / (t_first - t0))
             dec.append((len(steps) - n_prefill) / (steps[-1] - t_first))
     p, d = statistics.median(pre), statistics.median(dec)

@@ -41,7 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
                    help="weight-only quantization")
     g.add_argument("--max-model-len", type=_opt_int, default=_opt_int(_env("max_model_len")),
                    help="context length (default: the model's)")
-    g.add_argument("--kv-cache-dtype", default=_env("kv_cache_dtype", "auto"), choices=["auto", "int8", "fp8"])
+    g.add_argument("--kv-cache-dtype", default=_env("kv_cache_dtype", "auto"),
+                   choices=["auto", "int8", "fp8", "bfloat16", "float16", "float32"],
+                   help="auto = the model's dtype; int8 halves bf16 KV memory")
     g.add_argument("--kv-cache-memory", type=_opt_float, default=_opt_float(_env("kv_cache_memory")),
                    help="GiB for the KV pool (default: planned from free memory)")
     g.add_argument("--block-size", type=int, default=int(_env("block_size", 16)))
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         bk.add_argument("--output-len", type=int, default=int(_env("bench_output_len", 64)))
         bk.add_argument("--batch-sizes", default="1,4,16,64")
         bk.add_argument("--repeats", type=int, default=3)
+        bk.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
         bk.set_defaults(func=cmd_bench)
     bs = bsub.add_parser("serve")
     bs.add_argument("--url", default="http://127.0.0.1:8000")

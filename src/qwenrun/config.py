@@ -162,7 +162,7 @@ class GenerationDefaults:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "int8", "int4")
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8", "bfloat16", "float16", "float32")
 
 
 def env_default(name: str, default: Any) -> Any:

@@ -16,6 +16,8 @@ if hasattr(torch, "float8_e4m3fn"):
 def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     if kv_cache_dtype == "auto":
         return model_dtype
+    if kv_cache_dtype in ("float32", "bfloat16", "float16"):
+        return getattr(torch, kv_cache_dtype)
     if kv_cache_dtype == "int8":
         return torch.int8
     if kv_cache_dtype == "fp8":
