@@ -43,6 +43,8 @@ class AsyncLLM:
         self.error: BaseException | None = None
         self.step_count = 0
         self.max_running_seen = 0
+        self._adds_queued = 0  # add commands not yet run by the engine thread (aborts don't count)
+        self._adds_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="qwenrun-engine", daemon=True)
         self._thread.start()
 
@@ -57,14 +59,8 @@ class AsyncLLM:
 
     @property
     def num_pending(self) -> int:
-        return self.engine.num_waiting + self._cmds.qsize()
-
-    def _call(self, fn, *args) -> cf.Future:
-        if self.error is not None or self._stop.is_set():
-            raise EngineDeadError(f"the engine is not running ({self.error!r})")
-        fut: cf.Future = cf.Future()
-        self._cmds.put((fn, args, fut))
-        return fut
+        """Requests waiting for a slot: queued in the engine or not yet handed to it."""
+        return self.engine.num_waiting + self._adds_queued
 
     async def generate(self, prompt: str | None, params: SamplingParams, request_id: str | None = None,
                        prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
@@ -78,8 +74,7 @@ class AsyncLLM:
         self._streams[rid] = (loop, q)
         finished = False
         try:
-            await asyncio.wrap_future(self._call(self.engine.add_request, rid, prompt, params, prompt_token_ids,
-                                                 time.time()))
+            await asyncio.wrap_future(self._submit_add(rid, prompt, params, prompt_token_ids, time.time()))
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -92,6 +87,29 @@ class AsyncLLM:
             self._streams.pop(rid, None)
             if not finished:
                 self.abort(rid)
+
+    def _add(self, *args):
+        """engine.add_request on the engine thread, keeping the count of queued adds."""
+        with self._adds_lock:
+            self._adds_queued -= 1
+        return self.engine.add_request(*args)
+
+    def _submit_add(self, *args) -> cf.Future:
+        with self._adds_lock:
+            self._adds_queued += 1
+        try:
+            return self._call(self._add, *args)
+        except BaseException:
+            with self._adds_lock:
+                self._adds_queued -= 1
+            raise
+
+    def _call(self, fn, *args) -> cf.Future:
+        if self.error is not None or self._stop.is_set():
+            raise EngineDeadError(f"the engine is not running ({self.error!r})")
+        fut: cf.Future = cf.Future()
+        self._cmds.put((fn, args, fut))
+        return fut
 
     def abort(self, request_id: str) -> None:
         if self.error is None and not self._stop.is_set():

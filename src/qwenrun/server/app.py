@@ -1,0 +1,254 @@
+"""``qwenrun serve``: the FastAPI app, its guard middleware, and the process around it.
+
+The HTTP listener starts at once and the model loads on a background thread: /health answers
+503 (and inference routes 503 with Retry-After) until it is ready, so orchestrators can tell
+"starting" from "dead". SIGTERM (uvicorn's handler) stops accepting connections, lets in-flight
+requests finish for up to --shutdown-grace seconds, cancels the rest (which aborts their engine
+requests), stops the engine thread and exits 0."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import ServerMetrics
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                       error_body, validation_error)
+
+log = logging.getLogger("qwenrun.server")
+M = TypeVar("M", bound=BaseModel)
+_PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay open (probes, scrapers)
+
+
+class ServerState:
+    """What the routes need; ``serving`` is None until the model has loaded."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model_name: str = args.served_model_name or args.model
+        self.llm: Any = None
+        self.serving: Any = None
+        self.load_error: BaseException | None = None
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(self.model_name, lambda: self.llm)
+        self.server: Any = None  # the uvicorn.Server, told to exit if loading fails
+
+    def ready(self):
+        if self.serving is None:
+            msg = ("the model failed to load" if self.load_error is not None
+                   else f"the model {self.model_name} is still loading; retry shortly")
+            raise APIError(503, msg, code="model_loading", headers={"Retry-After": "5"})
+        return self.serving
+
+    def load(self) -> None:
+        """Runs on the loader thread."""
+        from ..cli import engine_config
+        from ..engine.async_engine import AsyncLLM
+        from .serving import OpenAIServing
+
+        try:
+            cfg = engine_config(self.args)
+            t0 = time.perf_counter()
+            llm = AsyncLLM.from_config(cfg, progress=True, max_waiting=self.args.max_waiting)
+            lm = llm.engine.loaded
+            print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
+                  f"{', ' + cfg.quantization if cfg.quantization else ''}, {lm.device}) in "
+                  f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}. Serving it as "
+                  f"'{self.model_name}'.", file=sys.stderr, flush=True)
+            self.serving = OpenAIServing(llm, self.model_name, self.metrics)
+            self.llm = llm
+        except BaseException as e:  # noqa: BLE001 - reported by serve_main after the server stops
+            self.load_error = e
+            log.error("loading %s failed: %s", self.args.model, e)
+            if self.server is not None:
+                self.server.should_exit = True
+
+
+class Guard:
+    """Pure ASGI middleware (BaseHTTPMiddleware would break streaming and disconnect detection):
+    counts responses by status, checks the API key, and bounds the request body by both the
+    declared Content-Length and the bytes actually received (chunked uploads have no length)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app, self.state = app, state
+        key = state.args.api_key
+        self.key = f"Bearer {key}".encode() if key else None
+        self.max_body = state.args.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics = self.state.metrics
+
+        async def counted_send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                metrics.count_http(msg["status"])
+            await send(msg)
+
+        headers = dict(scope["headers"])
+        path: str = scope["path"]
+        if self.key is not None and path.startswith(_PROTECTED):
+            got = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.key):
+                what = "a wrong API key was given" if got else "no API key was given"
+                return await _reply(APIError(401, f"Unauthorized: {what} (send 'Authorization: Bearer <key>')",
+                                             code="invalid_api_key"), scope, receive, counted_send)
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await _reply(APIError(400, "invalid Content-Length header"), scope, receive, counted_send)
+        if declared > self.max_body:
+            return await _reply(_too_large(declared, self.max_body), scope, receive, counted_send)
+        seen = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:
+                    raise _too_large(seen, self.max_body)  # becomes a 413 through the handler
+            return msg
+
+        await self.app(scope, bounded_receive, counted_send)
+
+
+def _too_large(n: int, limit: int) -> APIError:
+    return APIError(413, f"the request body ({n}+ bytes) is larger than the limit of {limit} bytes "
+                         f"(--max-body-bytes)", code="request_too_large")
+
+
+async def _reply(err: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse(err.body(), err.status, headers=err.headers)(scope, receive, send)
+
+
+async def parse_body(raw: Request, model: type[M]) -> M:
+    """JSON body → request model; every failure is an OpenAI-shaped 400."""
+    body = await raw.body()
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, name="qwenrun-loader", daemon=True).start()
+        yield
+        if state.llm is not None:  # after uvicorn's grace period: stop the engine thread
+            await asyncio.to_thread(state.llm.shutdown)
+
+    app = FastAPI(title="qwenrun", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> Response:
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {"msg": "invalid request", "loc": ()}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(error_body(f"{loc}: {first['msg']}" if loc else first["msg"], param=loc or None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        msg = "no such route" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(msg, "invalid_request_error", None, code), e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> Response:
+        log.exception("internal error")
+        return JSONResponse(error_body(f"internal server error: {e!r}", "server_error", None, "internal_error"), 500)
+
+    from .engine_requests import ClientGone
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.get("/health")
+    async def health() -> Response:
+        state.ready()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        card: dict[str, Any] = {"id": state.model_name, "object": "model", "created": state.created,
+                                "owned_by": "qwenrun", "root": state.args.model}
+        if state.llm is not None:
+            card["max_model_len"] = state.llm.engine.max_model_len
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/chat/completions")
+    async def chat(raw: Request) -> Response:
+        serving = state.ready()
+        return await serving.chat(await parse_body(raw, ChatCompletionRequest), raw)
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Response:
+        serving = state.ready()
+        return await serving.completions(await parse_body(raw, CompletionRequest), raw)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> Response:
+        serving = state.ready()
+        return JSONResponse(serving.tokenize(await parse_body(raw, TokenizeRequest)))
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request) -> Response:
+        serving = state.ready()
+        return JSONResponse(serving.detokenize(await parse_body(raw, DetokenizeRequest)))
+
+    return app
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.max_body_bytes < 1 or args.max_waiting < 1 or args.shutdown_grace < 0:
+        raise ValueError("--max-body-bytes and --max-waiting must be >= 1, --shutdown-grace >= 0")
+    state = ServerState(args)
+    config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_grace, timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    state.server = server
+    # uvicorn re-raises the signal it shut down on after restoring the previous handler; with
+    # Python's default SIGTERM handler the process would then die by signal. A no-op handler
+    # makes a graceful SIGTERM shutdown exit 0, as service managers expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    print(f"qwenrun: serving '{state.model_name}' on http://{args.host}:{args.port} (loading the model…)",
+          file=sys.stderr, flush=True)
+    server.run()
+    if state.load_error is not None:
+        raise state.load_error  # the CLI prints a ValueError as one line and exits 2
+    return 0

@@ -1,0 +1,266 @@
+"""OpenAI requests → engine requests → OpenAI JSON or SSE.
+
+One HTTP request becomes one engine request per prompt (completions may batch prompts; each
+engine request carries all ``n`` samples; see engine_requests.py for priming and disconnects).
+Requests are never serialized here: every handler only awaits its own streams, and the engine
+batches whatever is in flight."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..chat_template import render_chat
+from ..engine.async_engine import AsyncLLM, EngineDeadError
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .engine_requests import EngineRequests, unless_disconnected
+from .logprobs import LogprobFormatter
+from .metrics import ServerMetrics
+from .protocol import (SAMPLING_FIELDS, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       TokenizeRequest, bad_request)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+        self.llm, self.engine = llm, llm.engine
+        self.tok = llm.engine.tokenizer
+        self.model_name = model_name
+        self.metrics = metrics
+        self.lp = LogprobFormatter(self.tok)
+
+    # -- shared -------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _need_tokenizer(self):
+        if self.tok is None:
+            raise APIError(400, "this model has no tokenizer: only token-id prompts are possible", param="prompt")
+        return self.tok
+
+    def _render(self, messages: list[dict[str, Any]], **kw: Any) -> str:
+        """The model's own chat template; a bad conversation or template error is a 400."""
+        tok = self._need_tokenizer()
+        try:
+            return render_chat(tok.chat_template, messages, special_tokens={
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}, **kw)
+        except ValueError as e:
+            raise bad_request(str(e), {"messages"}) from None
+
+    def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+                logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+        try:
+            return SamplingParams(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, max_tokens=max_tokens, min_tokens=req.min_tokens,
+                stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
+                skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output)
+        except ValueError as e:
+            raise bad_request(str(e), SAMPLING_FIELDS) from None
+
+    async def _start(self, raw: Request, prefix: str, prompts: list[list[int]],
+                     params: SamplingParams) -> EngineRequests:
+        run = EngineRequests(self.llm, self.metrics, f"{prefix}-{uuid.uuid4().hex[:16]}", prompts, params)
+        try:
+            await unless_disconnected(raw, run.start())
+        except BaseException:
+            run.abort()
+            raise
+        return run
+
+    async def _collect(self, raw: Request, run: EngineRequests) -> list[RequestOutput]:
+        async def drain() -> list[RequestOutput]:
+            async for _ in run.outputs():
+                pass
+            return list(run.last)  # type: ignore[arg-type]
+
+        try:
+            return await unless_disconnected(raw, drain())
+        finally:
+            run.abort()
+
+    def _usage(self, prompts: list[list[int]], outs: list[RequestOutput]) -> dict[str, Any]:
+        p = sum(len(ids) for ids in prompts)
+        c = sum(len(o.token_ids) for out in outs for o in out.outputs)
+        cached = sum(out.num_cached_tokens for out in outs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _stream(self, run: EngineRequests, body: Callable[[], AsyncIterator[str]]) -> StreamingResponse:
+        async def gen() -> AsyncIterator[str]:
+            try:
+                async for event in body():
+                    yield event
+            except (APIError, EngineDeadError, ValueError) as e:  # after the 200: report in-band
+                err = e if isinstance(e, APIError) else APIError(500, str(e), code="engine_error")
+                yield _sse(err.body())
+                yield "data: [DONE]\n\n"
+            finally:
+                run.abort()  # client gone or error: free the KV blocks now
+
+        # X-Accel-Buffering: proxies (nginx) must not buffer token-by-token events.
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- /v1/chat/completions -----------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        tok = self._need_tokenizer()
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        prompt = self._render(req.message_dicts(), continue_final_message=req.continue_final_message,
+                              add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                              tools=req.tools)
+        ids = tok.encode(prompt)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._params(req, max_tokens, top)
+        run = await self._start(raw, "chatcmpl", [ids], params)
+        rid, created = run.rids[0].rsplit("-", 1)[0], int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
+        if not req.stream:
+            (out,) = await self._collect(raw, run)
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": ({"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
+                                     if top is not None else None),
+                        "finish_reason": c.finish_reason} for c in out.outputs]
+            return JSONResponse({**head, "choices": choices, "usage": self._usage([ids], [out]),
+                                 "system_fingerprint": None})
+        head["object"] = "chat.completion.chunk"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None) -> str:
+            return _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": finish}]})
+
+        async def events() -> AsyncIterator[str]:
+            n = params.n
+            sent_text, sent_tok, done = [0] * n, [0] * n, [False] * n
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            out = None
+            async for _, out in run.outputs():
+                for c in out.outputs:
+                    i = c.index
+                    if done[i]:
+                        continue
+                    delta = c.text[sent_text[i]:]
+                    lp = None
+                    if top is not None and len(c.token_ids) > sent_tok[i]:
+                        lp = {"content": self.lp.chat(c.token_ids[sent_tok[i]:], (c.logprobs or [])[sent_tok[i]:], top)}
+                    if delta or lp:
+                        yield chunk(i, {"content": delta}, logprobs=lp)
+                    sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
+                    if c.finish_reason is not None:
+                        done[i] = True
+                        yield chunk(i, {}, finish=c.finish_reason)
+            if include_usage and out is not None:
+                yield _sse({**head, "choices": [], "usage": self._usage([ids], [out])})
+            yield "data: [DONE]\n\n"
+
+        return self._stream(run, events)
+
+    # -- /v1/completions ----------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        self.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        prompts: list[list[int]] = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append(self._need_tokenizer().encode(p))
+            else:
+                prompts.append(p)
+        if any(not p for p in prompts):
+            raise APIError(400, "prompt must not be empty: give at least one token", param="prompt")
+        # echo + logprobs: the prompt's logprobs are part of the answer (first token: None).
+        params = self._params(req, req.max_tokens, req.logprobs,
+                              req.logprobs if req.echo and req.logprobs is not None else None)
+        run = await self._start(raw, "cmpl", prompts, params)
+        rid, created = run.rids[0].rsplit("-", 1)[0], int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        n, want_lp = params.n, req.logprobs is not None
+        echo_text = [self._echo_text(p) if req.echo else "" for p in prompts]
+        if not req.stream:
+            outs = await self._collect(raw, run)
+            choices = []
+            for k, out in enumerate(outs):
+                for c in out.outputs:
+                    lp = None
+                    if want_lp:
+                        lp = self.lp.completion(c.token_ids, c.logprobs or [],
+                                                out.prompt_token_ids if req.echo else None, out.prompt_logprobs)
+                    choices.append({"index": k * n + c.index, "text": echo_text[k] + c.text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+            return JSONResponse({**head, "choices": choices, "usage": self._usage(prompts, outs),
+                                 "system_fingerprint": None})
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            total = len(prompts) * n
+            sent_text, sent_tok, offset = [0] * total, [0] * total, [0] * total
+            done, started = [False] * total, [False] * total
+            async for k, out in run.outputs():
+                for c in out.outputs:
+                    i = k * n + c.index
+                    if done[i]:
+                        continue
+                    text, lp = c.text[sent_text[i]:], None
+                    echo_ids = None
+                    if not started[i]:
+                        started[i] = True
+                        text = echo_text[k] + text
+                        echo_ids = out.prompt_token_ids if req.echo else None
+                    if want_lp:
+                        lp = self.lp.completion(c.token_ids[sent_tok[i]:], (c.logprobs or [])[sent_tok[i]:],
+                                                echo_ids, out.prompt_logprobs, offset[i])
+                        offset[i] += sum(len(t) for t in lp["tokens"])
+                    sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
+                    finish = c.finish_reason
+                    done[i] = finish is not None
+                    if text or finish or (lp and lp["tokens"]):
+                        yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
+                                                         "finish_reason": finish}]})
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": self._usage(prompts, [o for o in run.last if o])})
+            yield "data: [DONE]\n\n"
+
+        return self._stream(run, events)
+
+    def _echo_text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids) if self.tok is not None else ""
+
+    # -- /tokenize, /detokenize (vLLM shapes) --------------------------------------------------
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        tok = self._need_tokenizer()
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        text = req.prompt
+        if req.messages is not None:
+            text = self._render([m.model_dump(exclude_none=True) for m in req.messages],
+                                add_generation_prompt=req.add_generation_prompt)
+        ids = tok.encode(text)
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(req.model)
+        tok = self._need_tokenizer()
+        bad = [t for t in req.tokens if not 0 <= t < len(tok)]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {len(tok)})", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
