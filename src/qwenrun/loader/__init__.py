@@ -136,14 +136,14 @@ def num_params(cfg: ModelConfig) -> int:
 
 def _random_weights(model: Qwen2ForCausalLM, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
+    # Names and shapes up front: walking the live module tree while load_weights swaps linears
+    # for quantized ones would keep every replaced module (and its dense weight) alive.
+    specs = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    for name, shape in specs:
         if name.endswith("norm.weight"):
-            t = torch.ones(p.shape)
-        elif name.endswith(".bias"):
-            t = torch.randn(p.shape, generator=g) * 0.02
+            yield name, torch.ones(shape)
         else:
-            t = torch.randn(p.shape, generator=g) * 0.02
-        yield name, t
+            yield name, torch.randn(shape, generator=g) * 0.02
 
 
 def _progress(it: Iterator, total: int, desc: str, enabled: bool) -> Iterator:

@@ -1,0 +1,275 @@
+// AVX2 weight-only int8 / int4 linear kernels for CPU (built by qwenrun/quant/kernels.py with
+// quant_pack.cpp, which packs and unpacks the formats below).
+//
+// Formats (the Python side packs them; see qwenrun/quant/linear.py):
+//   int8: qw int8 [O, Kp] (Kp = K rounded up to 64, zero padded), scale fp32 [O]; w = qw * scale.
+//   int4: super-blocks of 128 along K, each = 4 groups of 32. Per super-block and row: 64 bytes of
+//         nibbles, a bf16 scale d, and 4 int8 sub-scales sc_g; w = d * sc_g * (nibble - 8).
+//         Nibble order inside a super-block is permuted so one 256-bit load feeds four groups:
+//         element (g, r) (group g, offset r) sits in vector i = r / 8, byte j = g * 8 + r % 8;
+//         vectors 0/1 are the low/high nibbles of bytes 0..31, vectors 2/3 of bytes 32..63.
+// Activations are quantized per call to int8 with one fp32 scale per block (64 for int8
+// weights, 128 for int4): block scales keep outlier channels from crushing the other ones
+// (per-row scales cost 2-5x more error on Qwen's down_proj inputs).
+// Products use _mm256_maddubs_epi16 (u8 x s8 -> s16 pairs) and _mm256_madd_epi16 (-> s32).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlk8 = 64;    // activation block for int8 weights
+constexpr int64_t kBlk4 = 128;   // int4 super-block (= activation block)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float absmax(const float* x, int64_t n) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  float amax = _mm_cvtss_f32(m);
+  for (; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Quantize one row x[0:K] to int8 in blocks of `blk` (K padded with zeros to Kp). scale[b] =
+// amax/127; q = round-half-even(x * (127/amax)), the same arithmetic as the Python reference.
+void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t blk, int8_t* q, float* scale) {
+  for (int64_t b0 = 0, bi = 0; b0 < Kp; b0 += blk, ++bi) {
+    const int64_t n = std::max<int64_t>(0, std::min(blk, K - b0));
+    const float amax = absmax(x + b0, n);
+    int64_t i = 0;
+    scale[bi] = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    i = 0;
+    for (; i + 8 <= n; i += 8) {
+      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + i), vinv));  // nearest-even
+      alignas(32) int32_t t[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+      for (int k = 0; k < 8; ++k) q[b0 + i + k] = static_cast<int8_t>(t[k]);
+    }
+    for (; i < n; ++i) q[b0 + i] = static_cast<int8_t>(std::nearbyint(x[b0 + i] * inv));
+    for (; i < blk; ++i) q[b0 + i] = 0;
+  }
+}
+
+// Memory-level parallelism decides decode speed: each thread splits its rows into kStreams
+// contiguous runs and walks them round-robin, one row at a time (kStreams sequential streams for
+// the hardware prefetchers), plus a software prefetch kPrefetch bytes ahead in each stream.
+// Measured with 2 threads (int8, N = 1): 1 stream, no prefetch 18-20 GB/s; + prefetch 21-23;
+// 2-3 streams + prefetch 24-30, on par with MKL's fp32 sgemv.
+constexpr int64_t kPrefetch = 2048;
+constexpr int64_t kStreams = 3;
+
+// Calls row_fn(o) for o in [o0, o1) in the stream order above.
+template <typename F>
+inline void for_rows_streamed(int64_t o0, int64_t o1, const F& row_fn) {
+  const int64_t h = (o1 - o0) / kStreams;
+  for (int64_t i = 0; i < h; ++i)
+    for (int64_t j = 0; j < kStreams; ++j) row_fn(o0 + j * h + i);
+  for (int64_t o = o0 + kStreams * h; o < o1; ++o) row_fn(o);
+}
+
+// w[0:Kp] . quantized activation row (xq, |xq| in xa, block scales xs) -> fp32 (before the
+// per-row weight scale).
+inline float int8_row(const int8_t* w, const int8_t* xq, const uint8_t* xa, const float* xs, int64_t nb) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto block = [&](int64_t b) {
+    const int8_t* p = w + b * kBlk8;
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlk8));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlk8 + 32));
+    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + b * kBlk8));
+    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + b * kBlk8 + 32));
+    // |x| * (w * sign(x)) = x * w; pairs stay within int16 (2 * 127 * 127 < 32767).
+    const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), x0));
+    const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)), x1));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones)));
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {  // two accumulators: the fma latency chain is not the limit
+    acc0 = _mm256_fmadd_ps(block(b), _mm256_broadcast_ss(xs + b), acc0);
+    acc1 = _mm256_fmadd_ps(block(b + 1), _mm256_broadcast_ss(xs + b + 1), acc1);
+  }
+  if (b < nb) acc0 = _mm256_fmadd_ps(block(b), _mm256_broadcast_ss(xs + b), acc0);
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// One int4 row . one permuted quantized activation row (xq), its per-super-block correction
+// vectors xc (8 * pair sums, undoing the +8 nibble offset) and scales xs.
+inline float int4_row(const uint8_t* w, const int8_t* sc, const uint16_t* d, const int8_t* xq, const int16_t* xc,
+                      const float* xs, int64_t nsb) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m128i expand = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  auto block = [&](int64_t b) {
+    const int8_t* xb = xq + b * kBlk4;
+    const uint8_t* p = w + b * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    // nibbles 0..15 as the unsigned operand; |pair sum| <= 2*15*127, four of them fit int16
+    __m256i t = _mm256_maddubs_epi16(_mm256_and_si256(q0, m4), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q0, 4), m4),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32))));
+    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(q1, m4), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64))));
+    t = _mm256_add_epi16(t, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q1, 4), m4),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96))));
+    t = _mm256_sub_epi16(t, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + b * 16)));  // now sum((nib-8) * x)
+    int32_t s4;
+    std::memcpy(&s4, sc + b * 4, 4);
+    // int16 lane l covers bytes 2l, 2l+1 -> group l / 4: sub-scale vector [s0 x4, s1 x4, s2 x4, s3 x4]
+    const __m256i S = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(_mm_cvtsi32_si128(s4), expand));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(t, S)), _mm256_set1_ps(bf16_to_f32(d[b]) * xs[b]));
+  };
+  int64_t b = 0;
+  for (; b + 2 <= nsb; b += 2) {
+    acc0 = _mm256_add_ps(acc0, block(b));
+    acc1 = _mm256_add_ps(acc1, block(b + 1));
+  }
+  if (b < nsb) acc0 = _mm256_add_ps(acc0, block(b));
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// Work split over output rows; at least ~64 KiB of weights per task so tiny linears don't pay
+// a thread wake-up.
+int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes)); }
+
+struct Scratch {  // per-thread activation buffers, grown once and reused across calls
+  std::vector<int8_t> q, tmp;
+  std::vector<uint8_t> a;
+  std::vector<float> s;
+  std::vector<int16_t> c;
+};
+thread_local Scratch scratch;
+
+void check_common(const torch::Tensor& x, const torch::Tensor& qw, const c10::optional<torch::Tensor>& bias, int64_t O) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(qw.is_contiguous() && qw.dim() == 2, "packed weight must be contiguous 2-D");
+  if (bias) TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
+}
+
+}  // namespace
+
+// y[N, O] = x[N, K] @ (qw * scale[:, None])[:, :K].T + bias
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias) {
+  const int64_t N = x.size(0), K = x.size(1), O = qw.size(0), Kp = qw.size(1);
+  check_common(x, qw, bias, O);
+  TORCH_CHECK(qw.scalar_type() == torch::kInt8 && Kp % kBlk8 == 0 && Kp >= K && Kp - K < kBlk8, "bad int8 weight");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == O, "bad int8 scale");
+  const int64_t nb = Kp / kBlk8;
+  Scratch& sc = scratch;
+  if (static_cast<int64_t>(sc.q.size()) < N * Kp) sc.q.resize(N * Kp), sc.a.resize(N * Kp);
+  if (static_cast<int64_t>(sc.s.size()) < N * nb) sc.s.resize(N * nb);
+  const float* xp = x.data_ptr<float>();
+  int8_t* xq = sc.q.data();
+  uint8_t* xa = sc.a.data();
+  float* xs = sc.s.data();
+  for (int64_t n = 0; n < N; ++n) {
+    quantize_row(xp + n * K, K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
+    for (int64_t k = 0; k < Kp; k += 32)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + n * Kp + k),
+                          _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + n * Kp + k))));
+  }
+  auto y = torch::empty({N, O}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int8_t* wp = qw.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  at::parallel_for(0, O, grain_for(Kp * N), [&](int64_t o0, int64_t o1) {
+    for_rows_streamed(o0, o1, [&](int64_t o) {
+      for (int64_t n = 0; n < N; ++n)  // the row stays in L1 for the other n
+        yp[n * O + o] = int8_row(wp + o * Kp, xq + n * Kp, xa + n * Kp, xs + n * nb, nb) * sp[o] + (bp ? bp[o] : 0.f);
+    });
+  });
+  return y;
+}
+
+// y[N, O] = x @ W.T + bias for the int4 format above.
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sub,
+                          const torch::Tensor& d, const c10::optional<torch::Tensor>& bias) {
+  const int64_t N = x.size(0), K = x.size(1), O = qw.size(0), Kp = qw.size(1) * 2, nsb = Kp / kBlk4;
+  check_common(x, qw, bias, O);
+  TORCH_CHECK(qw.scalar_type() == torch::kUInt8 && Kp % kBlk4 == 0 && Kp >= K && Kp - K < kBlk4, "bad int4 weight");
+  TORCH_CHECK(sub.scalar_type() == torch::kInt8 && sub.is_contiguous() && sub.size(0) == O && sub.size(1) == nsb * 4, "bad int4 sub-scales");
+  TORCH_CHECK(d.scalar_type() == torch::kBFloat16 && d.is_contiguous() && d.size(0) == O && d.size(1) == nsb, "bad int4 scales");
+  Scratch& scr = scratch;
+  if (static_cast<int64_t>(scr.q.size()) < N * Kp) scr.q.resize(N * Kp);
+  if (static_cast<int64_t>(scr.tmp.size()) < Kp) scr.tmp.resize(Kp);
+  if (static_cast<int64_t>(scr.s.size()) < N * nsb) scr.s.resize(N * nsb);
+  if (static_cast<int64_t>(scr.c.size()) < N * nsb * 16) scr.c.resize(N * nsb * 16);
+  const float* xp = x.data_ptr<float>();
+  int8_t* xq = scr.q.data();
+  float* xs = scr.s.data();
+  int16_t* xc = scr.c.data();
+  const __m256i eight = _mm256_set1_epi8(8);
+  for (int64_t n = 0; n < N; ++n) {
+    int8_t* t = scr.tmp.data();
+    quantize_row(xp + n * K, K, Kp, kBlk4, t, xs + n * nsb);
+    int8_t* dst = xq + n * Kp;
+    for (int64_t b = 0; b < nsb; ++b) {  // permute into the nibble order, then the offset correction
+      for (int g = 0; g < 4; ++g)
+        for (int i = 0; i < 4; ++i) std::memcpy(dst + b * kBlk4 + i * 32 + g * 8, t + b * kBlk4 + g * 32 + i * 8, 8);
+      __m256i c = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i)
+        c = _mm256_add_epi16(c, _mm256_maddubs_epi16(eight, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + b * kBlk4 + i * 32))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + (n * nsb + b) * 16), c);
+    }
+  }
+  auto y = torch::empty({N, O}, x.options());
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = qw.data_ptr<uint8_t>();
+  const int8_t* sp = sub.data_ptr<int8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>());
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  const int64_t ldw = Kp / 2, ldsc = nsb * 4;
+  at::parallel_for(0, O, grain_for(ldw * N), [&](int64_t o0, int64_t o1) {
+    for_rows_streamed(o0, o1, [&](int64_t o) {
+      for (int64_t n = 0; n < N; ++n)
+        yp[n * O + o] = int4_row(wp + o * ldw, sp + o * ldsc, dp + o * nsb, xq + n * Kp, xc + n * nsb * 16,
+                                 xs + n * nsb, nsb) + (bp ? bp[o] : 0.f);
+    });
+  });
+  return y;
+}
+
+// quant_pack.cpp: load-time packing and the many-row path's dequantization.
+std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w);
+std::vector<torch::Tensor> quantize_int4(const torch::Tensor& w);
+torch::Tensor int8_dequant(const torch::Tensor& qw, const torch::Tensor& scale, int64_t r0, int64_t r1, int64_t K,
+                           torch::Tensor out);
+torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t r0,
+                           int64_t r1, int64_t K, torch::Tensor out);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "int8 weight-only linear (AVX2)");
+  m.def("int4_linear", &int4_linear, "int4 weight-only linear (AVX2)");
+  m.def("int8_dequant", &int8_dequant, "int8 rows -> fp32");
+  m.def("int4_dequant", &int4_dequant, "int4 rows -> fp32");
+  m.def("quantize_int8", &quantize_int8, "fp32 [O, K] -> int8 format");
+  m.def("quantize_int4", &quantize_int4, "fp32 [O, K] -> int4 format");
+}
