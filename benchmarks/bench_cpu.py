@@ -80,8 +80,8 @@ def bench_llamacpp(path: str, prompt: list[int], decode_len: int, repeats: int, 
         t0 = time.perf_counter()
         llm.eval(toks)
         t1 = time.perf_counter()
-        for _ in range(decode_len):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for _ in range(decode_len):  # greedy: argmax of the last logits, as llama.cpp's sampler reads them
+            nxt = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
             llm.eval([nxt])
         t2 = time.perf_counter()
         if r:

@@ -87,3 +87,14 @@ def test_bf16_close_to_transformers_bf16(tiny_dir):
     # Our bf16 error against fp32 is of the same size as transformers' own bf16 error.
     assert ours_err <= 2 * hf_err + 1e-2, (ours_err, hf_err)
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_fused_qkv_equals_separate_projections(tiny_dir):
+    """The q/k/v fusion applied after loading (dense here; quantized in test_quant) changes nothing."""
+    lm = load(EngineConfig(model=str(tiny_dir), dtype="float32"), progress=False)
+    assert lm.model.model.layers[0].self_attn.qkv_proj is None  # mmap-backed weights stay unfused
+    ids = lm.tokenizer.encode(PROMPT)
+    before = full_logits(lm.model, ids)
+    lm.model.fuse_qkv()
+    assert lm.model.model.layers[0].self_attn.qkv_proj is not None
+    assert (full_logits(lm.model, ids) - before).abs().max().item() <= 1e-5

@@ -81,8 +81,17 @@ class KVCache:
             self.data[layer, i].index_copy_(0, slots, q.view(n, h, d))
             self.scales[layer, i].index_copy_(0, slots, scale)
 
-    def read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather K and V at ``slots`` (any shape S) → two [*S, Hkv, d] tensors in ``dtype``."""
+    def read(self, layer: int, slots: torch.Tensor | slice, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather K and V at ``slots`` (any shape S) → two [*S, Hkv, d] tensors in ``dtype``.
+        A ``slice`` of consecutive slots reads in place: [1, L, Hkv, d] views, no copy."""
+        if isinstance(slots, slice):
+            k, v = self.data[layer, 0, slots], self.data[layer, 1, slots]
+            if self.quantized:
+                m, h, d = k.shape
+                g = (m, h, d // self.group, self.group)
+                k = (k.to(torch.float32).view(g) * self.scales[layer, 0, slots]).view(m, h, d)
+                v = (v.to(torch.float32).view(g) * self.scales[layer, 1, slots]).view(m, h, d)
+            return k.to(dtype)[None], v.to(dtype)[None]
         flat = slots.reshape(-1)
         shape = (*slots.shape, *self.data.shape[-2:])
         k = self.data[layer, 0].index_select(0, flat)

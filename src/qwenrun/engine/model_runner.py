@@ -95,6 +95,10 @@ class ModelRunner:
         lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.long)
         max_len = int(lens.max())
         nblk = -(-max_len // bs)
+        if len(decodes) == 1:  # single stream: blocks usually sit back to back in the pool
+            table = decodes[0].seq.block_table[:nblk]
+            if table[-1] - table[0] == nblk - 1 and table == list(range(table[0], table[0] + nblk)):
+                return slice(table[0] * bs, table[0] * bs + max_len), lens.to(self.device)
         bt = torch.zeros(len(decodes), nblk, dtype=torch.long)
         for b, s in enumerate(decodes):
             table = s.seq.block_table[:nblk]

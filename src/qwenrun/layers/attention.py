@@ -28,7 +28,9 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] long: where each token's K/V goes
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, L] long, slots of each decode's context (padded)
+    # [B, L] long: slots of each decode's context (padded); or, for one sequence whose blocks are
+    # contiguous in the pool, a slice of them (K/V are then read in place, without a gather).
+    decode_slots: torch.Tensor | slice | None = None
     decode_context_lens: torch.Tensor | None = None  # [B] long, context incl. the new token
     prefills: list[PrefillSpan] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
@@ -38,7 +40,9 @@ class AttentionMetadata:
         key = ("decode", window)
         if key not in self._masks:
             lens = self.decode_context_lens[:, None]  # [B, 1]
-            j = torch.arange(self.decode_slots.shape[1], device=lens.device)[None, :]  # [1, L]
+            max_len = self.decode_slots.stop - self.decode_slots.start if isinstance(
+                self.decode_slots, slice) else self.decode_slots.shape[1]
+            j = torch.arange(max_len, device=lens.device)[None, :]  # [1, L]
             m = j < lens
             if window is not None:
                 m &= j > lens - 1 - window
@@ -74,8 +78,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     out = torch.empty_like(q)
     b = meta.num_decode
     if b:
-        out[:b] = _decode_attention(q[:b], *cache.read(layer, meta.decode_slots, q.dtype),
-                                    meta.decode_mask(window), scale)
+        # SDPA on the gathered [B, L, Hkv, d] layout: measured 1.5x (GQA) to 8x (MHA, 4B shapes)
+        # faster than batched matmuls, which fall off MKL's fast path on the transposed keys.
+        kd, vd = cache.read(layer, meta.decode_slots, q.dtype)  # [B, L, Hkv, d]
+        od = F.scaled_dot_product_attention(
+            q[:b, :, None, :],  # [B, H, 1, d]
+            kd.transpose(1, 2), vd.transpose(1, 2),  # [B, Hkv, L, d]
+            attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=gqa)
+        out[:b] = od[:, :, 0, :]
     for i, p in enumerate(meta.prefills):
         s, e = p.start, p.start + p.num_tokens
         if p.slots is None:
@@ -97,22 +107,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
                                                    scale=scale, enable_gqa=gqa)
             out[s + r0:s + r1] = o[0].transpose(0, 1)
     return out
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """One query per sequence. q: [B, H, d]; k, v: [B, L, Hkv, d]; mask: [B, 1, 1, L] → [B, H, d].
-
-    Plain batched matmuls with the query heads grouped per KV head (no K/V repeat for GQA); softmax
-    in fp32 as the reference does. Measured faster than SDPA's kernel for decode batches (e.g.
-    1.0 ms vs 2.0 ms at B=64, L=200 on the demo's head layout)."""
-    bsz, n_heads, d = q.shape
-    n_kv = k.shape[2]
-    qg = q.view(bsz, n_kv, n_heads // n_kv, d)  # [B, Hkv, g, d]
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, g, L]
-    scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v.transpose(1, 2)).view(bsz, n_heads, d)  # [B, Hkv, g, d] -> [B, H, d]
 
 
 def _causal_rows(r0: int, r1: int, ctx: int, device) -> torch.Tensor:

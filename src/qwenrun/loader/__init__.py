@@ -203,6 +203,8 @@ def load(cfg: EngineConfig, progress: bool = True,
     in_place = model.load_weights(_progress(weights, n_tensors, f"Loading {name}", progress), dtype=dtype,
                                   device=device, on_linear=on_linear)
     file_backed = in_place if (src is not None and src.kind == "hf" and device.type == "cpu") else 0
+    if not file_backed:  # fusing copies; weights served straight from the page cache stay unfused
+        model.fuse_qkv()
     model.init_rope(device)
     model.eval()
     return LoadedModel(name=name, model=model, config=mcfg, tokenizer=tokenizer, generation_defaults=gen,

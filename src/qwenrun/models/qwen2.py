@@ -47,18 +47,29 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q/k/v fused after loading (fuse_qkv), when worth it
         self.window = cfg.sliding_window_for(layer_idx)
         self.scale = self.head_dim ** -0.5
 
+    def fuse_qkv(self, concat: Callable[[list[nn.Module]], nn.Module]) -> None:
+        """One projection instead of three: one kernel call, one output buffer per step."""
+        self.qkv_proj = concat([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, d]
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, d]
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # the cache stores post-RoPE keys
+        n, h, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [N, (H + 2 Hkv) d]
+            qk = qkv[:, :(h + hk) * d].view(n, h + hk, d)
+            v = qkv[:, (h + hk) * d:].view(n, hk, d)  # [N, Hkv, d]
+        else:
+            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1).view(n, h + hk, d)
+            v = self.v_proj(x).view(n, hk, d)
+        qk = apply_rotary(qk, cos, sin)  # q and k rotated together; the cache stores post-RoPE keys
+        q, k = qk[:, :h], qk[:, h:]  # [N, H, d], [N, Hkv, d]
         o = paged_attention(q, k, v, meta, cache, self.layer_idx, self.window, self.scale)  # [N, H, d]
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(n, h * d))
 
 
 class Qwen2MLP(nn.Module):
@@ -174,6 +185,11 @@ class Qwen2ForCausalLM(nn.Module):
                 self._swap("lm_head", on_linear("lm_head", self.lm_head), modules)
         return in_place
 
+    def fuse_qkv(self) -> None:
+        """Fuse every layer's q/k/v projections (dense or quantized) into one."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv(concat_linears)
+
     def _swap(self, name: str, new: nn.Module | None, modules: dict[str, nn.Module]) -> None:
         """Put ``new`` (e.g. a quantized linear) where module ``name`` was."""
         if new is None:
@@ -181,3 +197,19 @@ class Qwen2ForCausalLM(nn.Module):
         parent_name, _, leaf = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else self, leaf, new)
         modules[name] = new
+
+
+def concat_linears(mods: list[nn.Module]) -> nn.Module:
+    """Stack linears with the same input along the output dimension (y = cat of their outputs).
+    Quantized linears provide their own ``concat``; rows are independent in every format."""
+    if hasattr(type(mods[0]), "concat"):
+        return type(mods[0]).concat(mods)
+    w = torch.cat([m.weight for m in mods])
+    biases = [m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype, device=w.device)
+              for m in mods]
+    with torch.device("meta"):
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=any(m.bias is not None for m in mods))
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused

@@ -166,6 +166,25 @@ class _QuantLinear(nn.Module):
         super().__setstate__(state)
         self._ops = kernels.ops() if state["_ops"] else None
 
+    @classmethod
+    def concat(cls, mods: list["_QuantLinear"]) -> "_QuantLinear":
+        """One linear computing ``cat([m(x) for m in mods], -1)``: every buffer of these formats is
+        laid out per output row, so the rows are stacked as they are (no requantization)."""
+        first = mods[0]
+        if any(type(m) is not cls or m.in_features != first.in_features for m in mods):
+            raise ValueError("concat needs linears of one kind with the same in_features")
+        fused = cls.__new__(cls)
+        _QuantLinear.__init__(fused, first.in_features, sum(m.out_features for m in mods), None)
+        for name, buf in first.named_buffers():
+            if name == "bias":
+                continue
+            fused.register_buffer(name, torch.cat([getattr(m, name) for m in mods]))
+        if any(m.bias is not None for m in mods):
+            dev = first.qweight.device
+            fused.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, device=dev)
+                                    for m in mods])
+        return fused
+
     @property
     def weight_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
