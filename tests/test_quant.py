@@ -253,7 +253,7 @@ def test_tiny_model_int8_int4(tmp_path, tie, monkeypatch):
 
     path = write_tiny_checkpoint(tmp_path / "m", tie=tie)
     dense, dense_logits = _run(LLM(str(path)), PROMPTS)
-    q8 = LLM(str(path), quantization="int8")
+    q8 = LLM(str(path), quantization="int8", dtype="float32")  # weight error alone (no bf16 activations)
     model = q8.engine.loaded.model
     assert not any(type(m) is nn.Linear for m in model.modules())  # every linear swapped
     if tie:  # the head is quantized, the embedding stays dense
@@ -262,12 +262,33 @@ def test_tiny_model_int8_int4(tmp_path, tie, monkeypatch):
     assert rel(logits8, dense_logits) < 3e-2 and (logits8 - dense_logits).abs().max() < 0.1
     assert [o.token_ids[0] for o in out8] == [o.token_ids[0] for o in dense]
     assert_same_or_near_tie(dense, out8, 0.2)
-    out4, logits4 = _run(LLM(str(path), quantization="int4"), PROMPTS)
+    out4, logits4 = _run(LLM(str(path), quantization="int4", dtype="float32"), PROMPTS)
     assert rel(logits4, dense_logits) < 0.35  # ~8% per linear (iid weights, K = 64), 15 in a row
     monkeypatch.setenv("QWENRUN_NO_KERNELS", "1")
-    out8f, logits8f = _run(LLM(str(path), quantization="int8"), PROMPTS)
+    out8f, logits8f = _run(LLM(str(path), quantization="int8", dtype="float32"), PROMPTS)
     assert rel(logits8f, dense_logits) < 3e-2
     assert_same_or_near_tie(dense, out8f, 0.2)
+
+
+def test_bf16_activations_with_int8_weights(tmp_path):
+    """bf16 activations (auto on CPUs with native bf16) add bf16 rounding on top of int8 weights:
+    logits within 5% relative of the dense fp32 model, greedy tokens equal or near-ties; the
+    many-row (prefill) bf16 GEMM path matches the fp32 tiles."""
+    from tiny import write_tiny_checkpoint
+
+    from qwenrun import LLM
+
+    path = write_tiny_checkpoint(tmp_path / "m")
+    dense, dense_logits = _run(LLM(str(path)), PROMPTS)
+    out, logits = _run(LLM(str(path), quantization="int8", dtype="bfloat16"), PROMPTS)
+    assert rel(logits, dense_logits) < 5e-2
+    assert_same_or_near_tie(dense, out, 0.3)
+    m = Int8Linear(torch.randn(300, 200) * 0.05, torch.randn(300) * 0.01)
+    x = torch.randn(64, 200)  # beyond max_kernel_rows: the tiled path
+    y32 = m(x)
+    y16 = m(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert rel(y16.float(), y32) < 1e-2
 
 
 @pytest.mark.slow
@@ -289,3 +310,15 @@ def test_demo_model_int8_int4_answers(demo_llm):
     del q8
     q4 = LLM("demo", quantization="int4", kv_cache_memory=1.0)
     assert "Paris" in q4.chat(convs[0], sp)[0].outputs[0].text
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_concat_equals_separate_outputs(kind):
+    """q/k/v fusion of quantized linears stacks their packed rows: outputs are bit-identical."""
+    cls = CLASSES[kind]
+    mods = [cls(torch.randn(o, 200) * 0.05, torch.randn(o) * 0.01) for o in (128, 32, 32)]
+    fused = cls.concat(mods)
+    assert fused.out_features == 192 and fused.in_features == 200
+    for rows in (1, 3, 64):
+        x = torch.randn(rows, 200)
+        assert torch.equal(fused(x), torch.cat([m(x) for m in mods], dim=-1))

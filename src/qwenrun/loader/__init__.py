@@ -114,16 +114,29 @@ def available_memory(device: torch.device) -> int:
 
 
 def pick_dtype(dtype: str, device: torch.device, cfg: ModelConfig, quantization: str | None) -> torch.dtype:
-    """``auto``: bf16 on CUDA; on CPU fp32, the fastest dense path on AVX2 machines (bf16 matmuls
-    are emulated there), unless fp32 weights would not fit comfortably, then bf16."""
+    """``auto``: bf16 on CUDA. On CPU, dense models run fp32 (PyTorch's bf16 matrix-vector products
+    are 2x slower than fp32 even with AMX, and fp32 is exact to the reference) unless fp32
+    weights would not fit comfortably, then bf16; quantized models see below."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if quantization:
-        return torch.float32  # activations; the weights are int8/int4
+        # Activations; the weights are int8/int4. Where the CPU multiplies bf16 natively
+        # (AMX / AVX512-BF16) bf16 activations make prefill ~3x faster (demo int8: 977 vs 312
+        # prompt tokens/s) at the same decode speed; elsewhere fp32 is the fast path.
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     params = num_params(cfg)
     return torch.float32 if params * 4 < 0.6 * available_memory(device) else torch.bfloat16
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split() or "avx512_bf16" in flags.split()
 
 
 def num_params(cfg: ModelConfig) -> int:
