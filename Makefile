@@ -31,7 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q -ra --junitxml=.pytest-results.xml $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	benchmarks/run_all.sh
 
 clean:
 	rm -rf $(VENV) .pytest-results.xml build src/*.egg-info

@@ -97,14 +97,17 @@ def test_tiny_gguf_block_quantized_tensors(tiny_dir, tmp_path, qtype):
     import gguf
     from safetensors.torch import load_file
 
+    from qwenrun.loader.gguf import read_gguf
+
     path = write_gguf(tiny_dir, tmp_path / f"tiny-{qtype}.gguf", qtype)
     lm = load(EngineConfig(model=str(path), dtype="float32"), progress=False)
     sd = load_file(str(tiny_dir / "model.safetensors"))
     qt = getattr(gguf.GGMLQuantizationType, qtype)
+    loaded = dict(read_gguf(path).iter_tensors())  # HF names, dense, as the model receives them
+    assert set(loaded) == set(sd)
     for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight", "lm_head.weight"):
         ref = gguf.quants.dequantize(gguf.quants.quantize(sd[name].numpy(), qt), qt)
-        ours = lm.model.get_parameter(name).detach().numpy()
-        np.testing.assert_array_equal(ours, ref)
+        np.testing.assert_array_equal(loaded[name].numpy(), ref)
     dense = load(EngineConfig(model=str(tiny_dir), dtype="float32"), progress=False)
     ids = dense.tokenizer.encode(PROMPT)
     a, b = full_logits(dense.model, ids), full_logits(lm.model, ids)
