@@ -22,9 +22,9 @@ done
 
 log "3/6 Qwen1.5-4B shapes, random weights: latency (int8, int4, dense fp32)"
 for q in int8 int4 none; do
-  qa=""; [ "$q" != none ] && qa="-q $q"
+  qa="--dtype float32"; [ "$q" != none ] && qa="-q $q"   # dense: fp32 (16 GB), the exact path
   $Q bench latency Qwen/Qwen1.5-4B-Chat --random-weights $qa --input-len 512 --output-len 32 --repeats 2 \
-     --max-model-len 4096 --kv-cache-memory 1 >> "$OUT/4b_latency.jsonl" 2>>"$OUT/4b_latency.err"
+     --max-model-len 2048 --kv-cache-memory 2 >> "$OUT/4b_latency.jsonl" 2>>"$OUT/4b_latency.err"
 done
 
 log "4/6 Qwen1.5-4B shapes: throughput at batch 1/4/16/64 (int8)"

@@ -108,3 +108,36 @@ def test_plan_reports_one_line(tiny_dir):
     llm = LLM(str(tiny_dir), max_model_len=512, kv_cache_memory=0.01)
     rep = llm.engine.plan.report()
     assert rep.startswith("KV pool: ") and "tokens = " in rep and rep.endswith("max context 512")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(4, 2, 16, None), (6, 6, 64, None), (8, 2, 128, 5)])
+def test_int8_kv_fused_decode_attention_equals_dequantize_then_sdpa(heads, kv_heads, head_dim, window):
+    """The AVX2 decode kernel over the int8 cache (no dequantized copy) against the reference
+    path: gather + dequantize + SDPA, batched with padding and scattered slots."""
+    import torch.nn.functional as F
+
+    from qwenrun.engine.kv_cache import KVCache
+    from qwenrun.quant import kernels
+
+    if kernels.ops() is None:
+        pytest.fail(f"kernels unavailable: {kernels.unavailable_reason()}")  # this machine builds them
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(1, 64, 4, kv_heads, head_dim, torch.int8, "cpu")
+    lens = torch.tensor([1, 37, 100])
+    slots = torch.stack([torch.randperm(256, generator=g)[:100] for _ in lens])  # [B, 100]; past lens: padding
+    k = torch.randn(256, kv_heads, head_dim, generator=g) * 3
+    v = torch.randn(256, kv_heads, head_dim, generator=g)
+    cache.write(0, torch.arange(256), k, v)
+    q = torch.randn(3, heads, head_dim, generator=g)
+    fused = cache.decode_attention(0, q, slots, lens, window, head_dim ** -0.5)
+    kd, vd = cache.read(0, slots, torch.float32)
+    j = torch.arange(100)[None, :]
+    mask = j < lens[:, None]
+    if window is not None:
+        mask &= j > lens[:, None] - 1 - window
+    ref = F.scaled_dot_product_attention(q[:, :, None], kd.transpose(1, 2), vd.transpose(1, 2),
+                                         attn_mask=mask[:, None, None], scale=head_dim ** -0.5,
+                                         enable_gqa=heads != kv_heads)[:, :, 0]
+    assert (fused - ref).abs().max().item() < 1e-5
+    cache._fused_ops = None  # the fallback answers None: callers take the gather + SDPA path
+    assert cache.decode_attention(0, q, slots, lens, window, 1.0) is None

@@ -265,7 +265,13 @@ torch::Tensor int8_dequant(const torch::Tensor& qw, const torch::Tensor& scale, 
 torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t r0,
                            int64_t r1, int64_t K, torch::Tensor out);
 
+// kv_attention.cpp
+torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor ks,
+                                      torch::Tensor vs, torch::Tensor slots, torch::Tensor lens,
+                                      int64_t window, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8kv_decode_attention", &int8kv_decode_attention, "decode attention over an int8 KV cache (AVX2)");
   m.def("int8_linear", &int8_linear, "int8 weight-only linear (AVX2)");
   m.def("int4_linear", &int4_linear, "int4 weight-only linear (AVX2)");
   m.def("int8_dequant", &int8_dequant, "int8 rows -> fp32");

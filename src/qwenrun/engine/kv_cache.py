@@ -61,6 +61,27 @@ class KVCache:
         self.scales = (torch.empty(num_layers, 2, self.num_slots, kv_heads, head_dim // self.group, 1,
                                    dtype=torch.float32, device=device) if self.quantized else None)
 
+        # int8 on CPU: decode attends the int8 rows directly (csrc/kv_attention.cpp), no dequantized copy
+        self._fused_ops = None
+        if dtype == torch.int8 and torch.device(device).type == "cpu":
+            from ..quant import kernels
+
+            self._fused_ops = kernels.ops()
+
+    def decode_attention(self, layer: int, q: torch.Tensor, slots: torch.Tensor | slice, lens: torch.Tensor,
+                         window: int | None, scale: float) -> torch.Tensor | None:
+        """Attention of one query per sequence straight over the int8 cache: q [B, H, d] →
+        [B, H, d]. None when this cache has no fused kernel (the caller gathers and uses SDPA)."""
+        if self._fused_ops is None:
+            return None
+        if isinstance(slots, slice):
+            slots = torch.arange(slots.start, slots.stop)[None]
+        s, h, g = self.num_slots, self.data.shape[3], self.scales.shape[4]
+        out = self._fused_ops.int8kv_decode_attention(
+            q.float().contiguous(), self.data[layer, 0], self.data[layer, 1], self.scales[layer, 0].view(s, h, g),
+            self.scales[layer, 1].view(s, h, g), slots, lens, window or 0, scale)
+        return out.to(q.dtype)
+
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0)

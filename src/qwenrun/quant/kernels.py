@@ -1,4 +1,5 @@
-"""Build, cache and load the AVX2 quantized-linear kernels (``qwenrun/csrc/quant_*.cpp``).
+"""Build, cache and load the AVX2 CPU kernels: quantized linears (``qwenrun/csrc/quant_*.cpp``)
+and decode attention over an int8 KV cache (``kv_attention.cpp``).
 
 The extension is compiled once per (source hash, torch version, compiler flags) into a stable
 cache directory — ``$QWENRUN_CACHE/kernels`` or ``~/.cache/qwenrun/kernels`` — and later
@@ -21,7 +22,7 @@ from types import ModuleType
 log = logging.getLogger("qwenrun")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp"]
+SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "kv_attention.cpp"]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
 _UNSET = object()
