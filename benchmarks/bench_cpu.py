@@ -3,7 +3,7 @@
 
 Measures, one engine at a time (never concurrently: 2 cores): prefill tokens/s of a PROMPT_LEN-token
 prompt, single-stream decode tokens/s, and qwenrun's aggregate decode over 16 concurrent
-sequences; plus the machine's memory-read ceiling and fp32 compute peak, so every figure is also a
+sequences; plus the machine's memory-read ceiling and compute peaks (fp32 and bf16 matmul), so every figure is also a
 fraction of the limit that binds it. Prints one JSON line per result and a ratio table.
 
     .venv/bin/python benchmarks/bench_cpu.py [--model demo] [--quant none,int8,int4] [--peers llama.cpp,transformers]
@@ -60,7 +60,8 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
         while eng.has_unfinished_requests():
             eng.step()
         agg.append((conc * decode_len - n0) / (time.perf_counter() - t0))
-    res = {"engine": "qwenrun", "quant": quant or "fp32", "prefill_tps": med(pre), "decode_tps": med(dec),
+    res = {"engine": "qwenrun", "quant": quant or "fp32", "act_dtype": str(eng.loaded.dtype).replace("torch.", ""),
+           "prefill_tps": med(pre), "decode_tps": med(dec),
            f"aggregate{conc}_tps": med(agg), "weight_gb": wbytes / 1e9, "linear_params": lparams}
     del eng
     gc.collect()
@@ -89,7 +90,15 @@ def bench_llamacpp(path: str, prompt: list[int], decode_len: int, repeats: int, 
             dec.append(decode_len / (t2 - t1))
     del llm
     gc.collect()
-    return {"engine": "llama.cpp", "quant": "Q4_K_M (gguf)", "prefill_tps": med(pre), "decode_tps": med(dec)}
+    # Bytes a decode step reads: every tensor but the token embedding (only one row of it is read),
+    # unless the head is tied to it (then the whole table is read by the head).
+    from gguf import GGUFReader
+
+    names = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    tied = "output.weight" not in names
+    wb = sum(b for n, b in names.items() if n != "token_embd.weight" or tied)
+    return {"engine": "llama.cpp", "quant": "Q4_K_M (gguf)", "act_dtype": "q8 (int8 dot products)",
+            "prefill_tps": med(pre), "decode_tps": med(dec), "weight_gb": wb / 1e9}
 
 
 def bench_transformers(path, prompt: list[int], decode_len: int, repeats: int):
@@ -116,8 +125,9 @@ def bench_transformers(path, prompt: list[int], decode_len: int, repeats: int):
                 dec.append(decode_len / (t2 - t1))
     del model
     gc.collect()
-    return {"engine": "transformers", "quant": "fp32 (dequantized gguf)", "prefill_tps": med(pre),
-            "decode_tps": med(dec)}
+    wb = sum(m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    return {"engine": "transformers", "quant": "fp32 (dequantized gguf)", "act_dtype": "float32",
+            "prefill_tps": med(pre), "decode_tps": med(dec), "weight_gb": wb / 1e9}
 
 
 def main() -> int:
@@ -136,7 +146,7 @@ def main() -> int:
     threads = torch.get_num_threads()
     gguf = str(resolve(args.model).path)
     prompt = torch.randint(1000, 100000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    limits = measure_limits(torch.device("cpu"))
+    limits = measure_limits(torch.device("cpu"), torch.bfloat16)
     print(json.dumps({"limits": limits, "threads": threads}), flush=True)
     results = []
     for q in args.quant.split(","):
@@ -151,17 +161,29 @@ def main() -> int:
     if "transformers" in peers:
         results.append(bench_transformers(gguf, prompt, args.decode_len, args.repeats))
         print(json.dumps(results[-1]), flush=True)
-    limits2 = measure_limits(torch.device("cpu"))  # again at the end: was the machine quiet throughout?
+    limits2 = measure_limits(torch.device("cpu"), torch.bfloat16)  # again at the end: was the machine quiet throughout?
     print(json.dumps({"limits_end": limits2}), flush=True)
     base = next((r for r in results if r["engine"] == "llama.cpp"), None)
+    # The binding limits, from both measurements (the median of two = their mean).
+    ceiling = statistics.median([limits["mem_read_gbps"], limits2["mem_read_gbps"]])
+    peaks = {"float32": statistics.median([limits["fp32_gflops"], limits2["fp32_gflops"]]),
+             "bfloat16": statistics.median([limits["bfloat16_gflops"], limits2["bfloat16_gflops"]])}
+    lparams = next((r["linear_params"] for r in results if "linear_params" in r), None)
+    print(f"\nlimits (median of start and end): memory read {ceiling:.1f} GB/s, fp32 {peaks['float32']:.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; {threads} threads")
     print(f"\n{'engine':14} {'weights':24} {'prefill tok/s':>14} {'decode tok/s':>13} "
-          f"{'x llama.cpp (pre/dec)':>22} {'decode GB/s (% ceiling)':>24}")
+          f"{'x llama.cpp (pre/dec)':>22} {'decode GB/s (% ceiling)':>24} {'prefill GFLOP/s (% peak)':>25}")
     for r in results:
         ratio = (f"{r['prefill_tps'] / base['prefill_tps']:.2f} / {r['decode_tps'] / base['decode_tps']:.2f}"
                  if base else "-")
-        gbps = (f"{r['weight_gb'] * r['decode_tps']:.1f} ({100 * r['weight_gb'] * r['decode_tps'] / limits['mem_read_gbps']:.0f}%)"
+        gbps = (f"{r['weight_gb'] * r['decode_tps']:.1f} ({100 * r['weight_gb'] * r['decode_tps'] / ceiling:.0f}%)"
                 if "weight_gb" in r else "-")
-        print(f"{r['engine']:14} {r['quant']:24} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} {ratio:>22} {gbps:>24}")
+        # Prefill FLOPs: 2 per linear weight per token (attention adds ~3% at 512 tokens). llama.cpp's
+        # int8 dot products have no measured peak here: its share is given against the bf16 peak.
+        gf = 2 * lparams * r["prefill_tps"] / 1e9 if lparams else 0
+        peak = peaks.get(r["act_dtype"], peaks["bfloat16"])
+        pre = f"{gf:.0f} ({100 * gf / peak:.0f}% {'fp32' if peak == peaks['float32'] else 'bf16'})" if gf else "-"
+        print(f"{r['engine']:14} {r['quant']:24} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} {ratio:>22} {gbps:>24} {pre:>25}")
         if f"aggregate{args.concurrency}_tps" in r:
             agg = r[f"aggregate{args.concurrency}_tps"]
             rel = f" = {agg / base['decode_tps']:.2f}x llama.cpp single stream" if base else ""

@@ -20,10 +20,15 @@ def _spawn(*args):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+_unread: dict[int, bytes] = {}  # per fd: what was read past the last needle (a chunk may hold several)
+
+
 def _read_until(stream, needle: str, timeout: float = 120) -> str:
+    """Read until ``needle``; returns the text up to and including it, keeps the rest for the next call."""
     import select
 
-    fd, buf, end = stream.fileno(), b"", time.time() + timeout
+    fd, end = stream.fileno(), time.time() + timeout
+    buf = _unread.pop(fd, b"")
     while needle.encode() not in buf:
         left = end - time.time()
         if left <= 0:
@@ -33,7 +38,9 @@ def _read_until(stream, needle: str, timeout: float = 120) -> str:
             if not chunk:
                 raise AssertionError(f"stream closed before {needle!r}; got {buf[-500:]!r}")
             buf += chunk
-    return buf.decode(errors="replace")
+    cut = buf.index(needle.encode()) + len(needle.encode())
+    _unread[fd] = buf[cut:]
+    return buf[:cut].decode(errors="replace")
 
 
 def test_repl_multi_turn_reset_and_exit(tiny_dir):

@@ -155,13 +155,18 @@ def test_forward_paths_vs_reference(fmt, layers):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_kernel_dequant_matches_torch(fmt, layers, ops):
-    m = layers[fmt, 896, 129][0]
+@pytest.mark.parametrize("K", [33, 896])
+def test_kernel_dequant_matches_torch(fmt, K, layers, ops):
+    m = layers[fmt, K, 129][0]
     if ops is None:
         assert torch.equal(m.dequantize(3, 40), m.dequantize()[3:40])
         return
     got = m._kernel_dequant(ops, 3, 40)
     assert torch.equal(got, m.dequantize(3, 40))
+    # bf16 tiles (the bf16-activation GEMM path) are the fp32 tile rounded to nearest even,
+    # bit for bit, including partial blocks (K = 33, 896 are not multiples of 128)
+    got16 = m._kernel_dequant(ops, 3, 40, torch.bfloat16)
+    assert got16.dtype == torch.bfloat16 and torch.equal(got16, m.dequantize(3, 40).to(torch.bfloat16))
 
 
 def test_fallback_forced_by_env(monkeypatch):

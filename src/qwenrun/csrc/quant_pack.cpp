@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -42,52 +43,79 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even (weights are fi
 
 void check_out(const torch::Tensor& qw, const torch::Tensor& out, int64_t r0, int64_t r1, int64_t K, int64_t Kp) {
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= qw.size(0) && K <= Kp, "bad dequant row range or K");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0 &&
-              out.size(1) == K, "bad dequant output buffer");
+  TORCH_CHECK((out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16) && out.is_contiguous() &&
+              out.dim() == 2 && out.size(0) == r1 - r0 && out.size(1) == K, "bad dequant output buffer");
+}
+
+// Eight fp32 values stored as fp32 or as bf16 (round to nearest even, as PyTorch's .to(bfloat16)
+// rounds finite values), so a bf16 tile is bit-identical to the fp32 tile converted afterwards.
+inline void store8(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+inline void store8(uint16_t* dst, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // u16 0..3 | 4..7
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(p));
+}
+inline void store1(float* dst, float v) { *dst = v; }
+inline void store1(uint16_t* dst, float v) { *dst = f32_to_bf16(v); }
+
+template <typename T>
+T* out_ptr(torch::Tensor& out) {
+  if constexpr (std::is_same_v<T, float>) return out.data_ptr<float>();
+  else return reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
 }
 
 }  // namespace
 
-// Rows r0..r1 of the weight as fp32 into out [r1 - r0, K] (the many-row path: tile + sgemm; the
-// caller reuses `out`: a fresh multi-MB tensor per tile costs more in page faults than the
-// dequantization itself). Bit-identical to dequantize_int8/int4 in linear.py.
-torch::Tensor int8_dequant(const torch::Tensor& qw, const torch::Tensor& scale, int64_t r0, int64_t r1, int64_t K,
-                           torch::Tensor out) {
+// Rows r0..r1 of the weight as fp32 or bf16 (out's dtype) into out [r1 - r0, K] (the many-row
+// path: tile + sgemm / bf16 GEMM; the caller reuses `out`: a fresh multi-MB tensor per tile costs
+// more in page faults than the dequantization itself). Bit-identical to dequantize_int8/int4 in
+// linear.py (bf16: that result rounded to nearest even).
+template <typename T>
+void int8_dequant_impl(const torch::Tensor& qw, const torch::Tensor& scale, int64_t r0, int64_t r1, int64_t K,
+                       torch::Tensor& out) {
   const int64_t Kp = qw.size(1);
-  check_out(qw, out, r0, r1, K, Kp);
   const int8_t* wp = qw.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  T* op = out_ptr<T>(out);
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       const int8_t* src = wp + r * Kp;
-      float* dst = op + (r - r0) * K;
+      T* dst = op + (r - r0) * K;
       const __m256 s = _mm256_set1_ps(sp[r]);
       int64_t k = 0;
       for (; k + 8 <= K; k += 8) {
         const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k));
-        _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+        store8(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
       }
-      for (; k < K; ++k) dst[k] = src[k] * sp[r];
+      for (; k < K; ++k) store1(dst + k, src[k] * sp[r]);
     }
   });
+}
+
+torch::Tensor int8_dequant(const torch::Tensor& qw, const torch::Tensor& scale, int64_t r0, int64_t r1, int64_t K,
+                           torch::Tensor out) {
+  check_out(qw, out, r0, r1, K, qw.size(1));
+  if (out.scalar_type() == torch::kFloat32) int8_dequant_impl<float>(qw, scale, r0, r1, K, out);
+  else int8_dequant_impl<uint16_t>(qw, scale, r0, r1, K, out);
   return out;
 }
 
-torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t r0,
-                           int64_t r1, int64_t K, torch::Tensor out) {
+template <typename T>
+void int4_dequant_impl(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t r0,
+                       int64_t r1, int64_t K, torch::Tensor& out) {
   const int64_t Kp = qw.size(1) * 2, nsb = Kp / kBlk4, ldw = Kp / 2;
-  check_out(qw, out, r0, r1, K, Kp);
   const uint8_t* wp = qw.data_ptr<uint8_t>();
   const int8_t* sp = sub.data_ptr<int8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
+  T* op = out_ptr<T>(out);
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
-    alignas(32) float buf[kBlk4];
+    alignas(32) T buf[kBlk4];
     alignas(32) uint8_t nib[4][32];
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t r = a; r < b; ++r) {
-      float* dst = op + (r - r0) * K;
+      T* dst = op + (r - r0) * K;
       for (int64_t sb = 0; sb < nsb; ++sb) {
         const uint8_t* p = wp + r * ldw + sb * 64;
         const float dd = bf16_to_f32(dp[r * nsb + sb]);
@@ -98,19 +126,26 @@ torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, co
         _mm256_store_si256(reinterpret_cast<__m256i*>(nib[2]), _mm256_and_si256(q1, m4));
         _mm256_store_si256(reinterpret_cast<__m256i*>(nib[3]), _mm256_and_si256(_mm256_srli_epi16(q1, 4), m4));
         const int64_t n = std::min<int64_t>(kBlk4, K - sb * kBlk4);
-        float* o = n == kBlk4 ? dst + sb * kBlk4 : buf;  // the last, partial super-block via buf
+        T* o = n == kBlk4 ? dst + sb * kBlk4 : buf;  // the last, partial super-block via buf
         for (int g = 0; g < 4; ++g) {
           const float s = dd * sp[r * nsb * 4 + sb * 4 + g];
           const __m256 vs = _mm256_set1_ps(s), voff = _mm256_set1_ps(-8.f * s);
           for (int i = 0; i < 4; ++i) {  // elements g*32 + i*8 .. +8 are bytes g*8 .. +8 of vector i
             const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(nib[i] + g * 8))));
-            _mm256_storeu_ps(o + g * 32 + i * 8, _mm256_fmadd_ps(v, vs, voff));  // (nib - 8) * s
+            store8(o + g * 32 + i * 8, _mm256_fmadd_ps(v, vs, voff));  // (nib - 8) * s
           }
         }
-        if (o == buf && n > 0) std::memcpy(dst + sb * kBlk4, buf, n * sizeof(float));
+        if (o == buf && n > 0) std::memcpy(dst + sb * kBlk4, buf, n * sizeof(T));
       }
     }
   });
+}
+
+torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t r0,
+                           int64_t r1, int64_t K, torch::Tensor out) {
+  check_out(qw, out, r0, r1, K, qw.size(1) * 2);
+  if (out.scalar_type() == torch::kFloat32) int4_dequant_impl<float>(qw, sub, d, r0, r1, K, out);
+  else int4_dequant_impl<uint16_t>(qw, sub, d, r0, r1, K, out);
   return out;
 }
 

@@ -26,16 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..loader import cpu_has_fast_bf16
 from . import kernels
 
 INT8_BLOCK = 64  # K padding of int8 weights (= the kernel's activation block)
 INT4_SB = 128  # int4 super-block (4 groups of 32)
 INT4_GROUP = 32
-# Up to this many rows the integer kernel beats dequantize-a-tile + MKL sgemm. Measured, 2 threads,
-# K=2560 O=6912 (ms, kernel vs tiles): int8 N=24 6.6 vs 7.4, N=32 8.8 vs 7.7; int4 N=48 8.4 vs
-# 9.5, N=64 11.2 vs 10.8 (K=896 O=4864 crosses later). Beyond, the tiled path costs 6-14% over
-# dense fp32 (N=512: int8 58.0, int4 57.6, fp32 54.2 ms).
-KERNEL_MAX_ROWS = {"int8": 24, "int4": 48}
+# Up to this many rows the integer kernel beats dequantize-a-tile + GEMM. Measured, 2 threads.
+# fp32 activations (tile + MKL sgemm), K=2560 O=6912 (ms, kernel vs tiles): int8 N=24 6.6 vs 7.4,
+# N=32 8.8 vs 7.7; int4 N=48 8.4 vs 9.5, N=64 11.2 vs 10.8 (K=896 O=4864 crosses later). Beyond,
+# the tiled path costs 6-14% over dense fp32 (N=512: int8 58.0, int4 57.6, fp32 54.2 ms).
+# bf16 activations on a CPU with native bf16 (bf16 tile + oneDNN AMX GEMM, Sapphire Rapids):
+# the tiles cost ~4.2 ms at K=2560 O=6912 whatever N up to 32 (tile writing and the GEMM's weight
+# packing bind, not FLOPs); int8 N=12 3.8 vs 4.2, N=16 6.2 vs 4.2 (K=6912 O=2560: 4.1/4.4,
+# 5.3/4.8); int4 N=16 3.8 vs 4.5, N=24 5.2 vs 4.9 (benchmarks/profile_decode.py shows the effect).
+KERNEL_MAX_ROWS = {("int8", torch.float32): 24, ("int4", torch.float32): 48,
+                   ("int8", torch.bfloat16): 14, ("int4", torch.bfloat16): 22}
 TILE_ELEMS = 1 << 22  # weights dequantized per tile on the many-row path (16 MiB of fp32)
 _CHUNK = 1 << 24  # weights quantized at a time at load (bounds temporaries to ~4 dense copies of 64 MiB)
 
@@ -126,12 +132,14 @@ def dequantize_int4(qweight: torch.Tensor, sub: torch.Tensor, d: torch.Tensor, K
 _tls = threading.local()
 
 
-def _tile_buffer(rows: int, K: int) -> torch.Tensor:
-    """A per-thread fp32 scratch tile, reused across calls and layers (one weight tile is
+def _tile_buffer(rows: int, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A per-thread scratch tile of ``dtype``, reused across calls and layers (one weight tile is
     consumed by its matmul before the next is written)."""
-    buf = getattr(_tls, "buf", None)
+    attr = f"buf_{dtype}"
+    buf = getattr(_tls, attr, None)
     if buf is None or buf.numel() < rows * K:
-        buf = _tls.buf = torch.empty(max(rows * K, TILE_ELEMS), dtype=torch.float32)
+        buf = torch.empty(max(rows * K, TILE_ELEMS), dtype=dtype)
+        setattr(_tls, attr, buf)
     return buf[:rows * K].view(rows, K)
 
 
@@ -140,7 +148,15 @@ class _QuantLinear(nn.Module):
 
     in_features: int
     out_features: int
-    max_kernel_rows: int
+    fmt: str
+    max_kernel_rows: int  # fp32 activations; bf16 ones use max_kernel_rows_bf16
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        cls.max_kernel_rows = KERNEL_MAX_ROWS[cls.fmt, torch.float32]
+        # the bf16 crossover holds where bf16 GEMMs are native; elsewhere the bf16 GEMM is slow
+        # and the integer kernel stays ahead as long as with fp32 activations
+        cls.max_kernel_rows_bf16 = KERNEL_MAX_ROWS[cls.fmt, torch.bfloat16 if cpu_has_fast_bf16() else torch.float32]
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -199,13 +215,13 @@ class _QuantLinear(nn.Module):
                 return self._kernel(k, x)  # the decode fast path
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] <= self.max_kernel_rows:
+            if x2.shape[0] <= (self.max_kernel_rows_bf16 if x2.dtype == torch.bfloat16 else self.max_kernel_rows):
                 y = self._kernel(k, x2.float().contiguous())
             elif x2.dtype == torch.bfloat16:
                 # bf16 activations: bf16 tiles and a bf16 GEMM (AMX/AVX512-BF16 where the CPU has
                 # them: 1.6 TFLOP/s vs 0.3 for fp32 sgemm on the dev machine). int8 and the int4
                 # levels are exact in bf16; only the per-row scale product rounds.
-                y = self._tiled(x2.contiguous(), lambda r0, r1: self._kernel_dequant(k, r0, r1).to(torch.bfloat16))
+                y = self._tiled(x2.contiguous(), lambda r0, r1: self._kernel_dequant(k, r0, r1, torch.bfloat16))
             else:
                 y = self._tiled(x2.float().contiguous(), lambda r0, r1: self._kernel_dequant(k, r0, r1))
             return y.to(x.dtype).view(*lead, self.out_features)
@@ -231,7 +247,7 @@ class _QuantLinear(nn.Module):
 class Int8Linear(_QuantLinear):
     """Weight-only int8 linear (symmetric, per output channel)."""
 
-    max_kernel_rows = KERNEL_MAX_ROWS["int8"]
+    fmt = "int8"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
@@ -245,14 +261,15 @@ class Int8Linear(_QuantLinear):
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
         return k.int8_linear(x, self.qweight, self.scale, self.bias)
 
-    def _kernel_dequant(self, k, r0: int, r1: int) -> torch.Tensor:
-        return k.int8_dequant(self.qweight, self.scale, r0, r1, self.in_features, _tile_buffer(r1 - r0, self.in_features))
+    def _kernel_dequant(self, k, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return k.int8_dequant(self.qweight, self.scale, r0, r1, self.in_features,
+                              _tile_buffer(r1 - r0, self.in_features, dtype))
 
 
 class Int4Linear(_QuantLinear):
     """Weight-only int4 linear (groups of 32, int8 sub-scales under a bf16 scale per 128)."""
 
-    max_kernel_rows = KERNEL_MAX_ROWS["int4"]
+    fmt = "int4"
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(weight.shape[1], weight.shape[0], bias)
@@ -267,9 +284,9 @@ class Int4Linear(_QuantLinear):
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
         return k.int4_linear(x, self.qweight, self.sub, self.d, self.bias)
 
-    def _kernel_dequant(self, k, r0: int, r1: int) -> torch.Tensor:
+    def _kernel_dequant(self, k, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return k.int4_dequant(self.qweight, self.sub, self.d, r0, r1, self.in_features,
-                              _tile_buffer(r1 - r0, self.in_features))
+                              _tile_buffer(r1 - r0, self.in_features, dtype))
 
 
 QUANT_LINEARS: dict[str, type[_QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
