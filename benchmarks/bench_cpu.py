@@ -123,9 +123,9 @@ def bench_transformers(path, prompt: list[int], decode_len: int, repeats: int):
             if r:
                 pre.append(len(prompt) / (t1 - t0))
                 dec.append(decode_len / (t2 - t1))
-    del model
+    wb = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    del model, out, past
     gc.collect()
-    wb = sum(m.weight.numel() * 4 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     return {"engine": "transformers", "quant": "fp32 (dequantized gguf)", "act_dtype": "float32",
             "prefill_tps": med(pre), "decode_tps": med(dec), "weight_gb": wb / 1e9}
 
