@@ -20,36 +20,20 @@
 #include <cstring>
 #include <vector>
 
+#include "quant_common.h"
+
 namespace {
 
-constexpr int64_t kBlk8 = 64;    // activation block for int8 weights
-constexpr int64_t kBlk4 = 128;   // int4 super-block (= activation block)
+using qwenrun::absmax;
+using qwenrun::bf16_to_f32;
+using qwenrun::kBlk4;
+using qwenrun::kBlk8;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-inline float absmax(const float* x, int64_t n) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  float amax = _mm_cvtss_f32(m);
-  for (; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  return amax;
-}
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
 }
 
 // Quantize one row x[0:K] to int8 in blocks of `blk` (K padded with zeros to Kp). scale[b] =

@@ -10,36 +10,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "quant_common.h"
+
 namespace {
 
-constexpr int64_t kBlk8 = 64;    // int8: K padding (keep in sync with quant_kernels.cpp)
-constexpr int64_t kBlk4 = 128;   // int4 super-block
-
-inline float absmax(const float* x, int64_t n) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
-  alignas(32) float t[8];
-  _mm256_store_ps(t, vmax);
-  float amax = 0.f;
-  for (float v : t) amax = std::max(amax, v);
-  for (; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
-  return amax;
-}
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even (weights are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
+using qwenrun::absmax;
+using qwenrun::bf16_to_f32;
+using qwenrun::f32_to_bf16;
+using qwenrun::kBlk4;
+using qwenrun::kBlk8;
 
 void check_out(const torch::Tensor& qw, const torch::Tensor& out, int64_t r0, int64_t r1, int64_t K, int64_t Kp) {
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= qw.size(0) && K <= Kp, "bad dequant row range or K");

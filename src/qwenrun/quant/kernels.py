@@ -23,6 +23,7 @@ log = logging.getLogger("qwenrun")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "kv_attention.cpp"]
+HEADERS = [_CSRC / "quant_common.h"]  # not compiled on their own, but part of the build's identity
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
 _UNSET = object()
@@ -56,7 +57,7 @@ def build_name() -> str:
     """Module name keyed by everything that changes the binary: source, torch, flags."""
     import torch
 
-    h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES))
+    h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS))
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(CFLAGS)}".encode())
     return f"qwenrun_quant_{h.hexdigest()[:16]}"
 
