@@ -5,6 +5,7 @@ keeps the session."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -98,6 +99,9 @@ def run_repl(args) -> int:
         backend = LocalChat(load_llm(args), params)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
+    # Ctrl-C must stop an answer even when SIGINT came in ignored (a shell starts background jobs
+    # that way, and Python then leaves it ignored): restore Python's KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"Chatting with {backend.name}. {HELP}", file=sys.stderr)
     while True:
         try:
