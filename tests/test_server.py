@@ -196,6 +196,41 @@ def test_demo_completions_stream_equals_nonstream(demo):
     assert full.usage.completion_tokens == 10 and full.choices[0].finish_reason == "length"
 
 
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+def test_demo_tool_call_stream_and_nonstream_then_tool_result(demo):
+    c = demo.client()
+    kw = dict(model="demo", messages=ASK_WEATHER, tools=WEATHER, temperature=0, max_tokens=64)
+    ch = c.chat.completions.create(**kw).choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    (call,) = ch.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    # streamed: the same call arrives as tool_call deltas, and no JSON leaks into the content
+    content, name, args, finish = "", "", "", None
+    for chunk in c.chat.completions.create(**kw, stream=True):
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            assert tc.index == 0
+            name += tc.function.name or ""
+            args += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (content, name, json.loads(args), finish) == ("", "get_weather", {"city": "Paris"}, "tool_calls")
+    # the tool's result goes back in (arguments as OpenAI's JSON string): the model answers in text
+    msgs = ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'}]
+    ans = c.chat.completions.create(**{**kw, "messages": msgs}).choices[0]
+    assert ans.finish_reason == "stop" and not ans.message.tool_calls and "18" in ans.message.content
+    # tool_choice="none": the tools are left out and the answer is text
+    plain = c.chat.completions.create(**kw, tool_choice="none").choices[0]
+    assert not plain.message.tool_calls and plain.message.content and plain.finish_reason in ("stop", "length")
+
+
 def test_chat_repl_against_server(demo):
     r = subprocess.run([sys.executable, "-m", "qwenrun.cli", "chat", "--url", demo.url, "--temperature", "0",
                         "--max-tokens", "16"], input="What is the capital of France?\n/exit\n",

@@ -108,6 +108,13 @@ def test_top_logprobs_out_of_range(guarded):
                  param="logprobs", contains=("[0, 20]",))
 
 
+def test_tool_choice_that_needs_constrained_decoding(guarded):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        assert_error(post(guarded, "/v1/chat/completions", chat_body(tools=tools, tool_choice=choice)), 400,
+                     param="tool_choice", contains=("auto",))
+
+
 def test_top_logprobs_without_logprobs(guarded):
     assert_error(post(guarded, "/v1/chat/completions", chat_body(top_logprobs=2)), 400, param="top_logprobs")
 

@@ -70,20 +70,21 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
         """Chat completion(s) with the model's own template; unset sampling values take the
-        model's generation_config defaults."""
+        model's generation_config defaults. ``tools`` (OpenAI function specs) go to the template."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
                                             continue_final_message=continue_final_message,
-                                            chat_template=chat_template) for c in convs]
+                                            chat_template=chat_template, tools=tools) for c in convs]
         return self.generate(prompts, sampling_params)
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, chat_template: str | None = None) -> str:
+                            continue_final_message: bool = False, chat_template: str | None = None,
+                            tools: list[dict] | None = None) -> str:
         tok = self.get_tokenizer()
         return render_chat(chat_template or tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           continue_final_message=continue_final_message,
+                           continue_final_message=continue_final_message, tools=tools,
                            special_tokens={"bos_token": tok.bos_token, "eos_token": tok.eos_token,
                                            "pad_token": tok.pad_token})
 

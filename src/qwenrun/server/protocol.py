@@ -113,7 +113,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None  # the newer OpenAI name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None  # rendered by the template; calls are not parsed
+    tools: list[dict[str, Any]] | None = None  # rendered by the template; calls parsed from the answer
+    tool_choice: str | dict[str, Any] | None = None  # "auto" (default with tools) or "none"
+    parallel_tool_calls: bool | None = None  # accepted; the model may emit several calls either way
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 

@@ -19,6 +19,7 @@ from ..chat_template import render_chat
 from ..engine.async_engine import AsyncLLM, EngineDeadError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from . import tool_calls
 from .engine_requests import EngineRequests, unless_disconnected
 from .logprobs import LogprobFormatter
 from .metrics import ServerMetrics
@@ -122,9 +123,15 @@ class OpenAIServing:
         tok = self._need_tokenizer()
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = self._render(req.message_dicts(), continue_final_message=req.continue_final_message,
+        if req.tool_choice not in (None, "auto", "none"):
+            raise APIError(400, "tool_choice supports 'auto' and 'none' (forcing a call needs constrained "
+                                "decoding, which qwenrun does not do)", param="tool_choice")
+        use_tools = bool(req.tools) and req.tool_choice != "none"
+        names = tool_calls.tool_names(req.tools)
+        prompt = self._render(tool_calls.messages_for_template(req.message_dicts()),
+                              continue_final_message=req.continue_final_message,
                               add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                              tools=req.tools)
+                              tools=req.tools if use_tools else None)
         ids = tok.encode(prompt)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -134,10 +141,16 @@ class OpenAIServing:
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
         if not req.stream:
             (out,) = await self._collect(raw, run)
-            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": ({"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
-                                     if top is not None else None),
-                        "finish_reason": c.finish_reason} for c in out.outputs]
+            choices = []
+            for c in out.outputs:
+                content, calls = tool_calls.parse(c.text, names) if use_tools else (c.text, [])
+                message: dict[str, Any] = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": c.index, "message": message,
+                                "logprobs": ({"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
+                                             if top is not None else None),
+                                "finish_reason": "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason})
             return JSONResponse({**head, "choices": choices, "usage": self._usage([ids], [out]),
                                  "system_fingerprint": None})
         head["object"] = "chat.completion.chunk"
@@ -150,6 +163,7 @@ class OpenAIServing:
         async def events() -> AsyncIterator[str]:
             n = params.n
             sent_text, sent_tok, done = [0] * n, [0] * n, [False] * n
+            filters = [tool_calls.StreamFilter(names) for _ in range(n)] if use_tools else None
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
             out = None
@@ -158,7 +172,7 @@ class OpenAIServing:
                     i = c.index
                     if done[i]:
                         continue
-                    delta = c.text[sent_text[i]:]
+                    delta = filters[i].delta(c.text) if filters else c.text[sent_text[i]:]
                     lp = None
                     if top is not None and len(c.token_ids) > sent_tok[i]:
                         lp = {"content": self.lp.chat(c.token_ids[sent_tok[i]:], (c.logprobs or [])[sent_tok[i]:], top)}
@@ -167,7 +181,15 @@ class OpenAIServing:
                     sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
                     if c.finish_reason is not None:
                         done[i] = True
-                        yield chunk(i, {}, finish=c.finish_reason)
+                        finish = c.finish_reason
+                        if filters:
+                            rest, calls = filters[i].finish(c.text)
+                            if rest:
+                                yield chunk(i, {"content": rest})
+                            if calls:
+                                yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
+                                finish = "tool_calls" if finish == "stop" else finish
+                        yield chunk(i, {}, finish=finish)
             if include_usage and out is not None:
                 yield _sse({**head, "choices": [], "usage": self._usage([ids], [out])})
             yield "data: [DONE]\n\n"
