@@ -90,18 +90,21 @@ def main() -> int:
     # The same linears called back to back with nothing in between (the model's activation dtype,
     # `batch` rows): what the weights cost alone, the rest of a step is everything else.
     lins = [m for name, m in model.named_modules() if name.endswith(("_proj", "lm_head"))]
-    xs = {m.in_features: torch.randn(args.batch, m.in_features, dtype=eng.loaded.dtype) for m in lins}
     total = sum(getattr(m, "weight_bytes", None) or m.weight.numel() * m.weight.element_size() for m in lins)
-    with torch.inference_mode():
-        for m in lins:
-            m.forward(xs[m.in_features])
-        t = time.perf_counter()
-        for _ in range(5):
+    # inputs in the model's dtype, and in fp32 (for quantized linears: their kernels' native input,
+    # so the difference is the cost of converting activations around each call)
+    for dt_in in dict.fromkeys((eng.loaded.dtype, torch.float32)):
+        xs = {m.in_features: torch.randn(args.batch, m.in_features, dtype=dt_in) for m in lins}
+        with torch.inference_mode():
             for m in lins:
                 m.forward(xs[m.in_features])
-        dt = (time.perf_counter() - t) / 5
-    print(f"  the {len(lins)} linears back to back, nothing in between: {dt * 1e3:.2f} ms per pass "
-          f"({total / dt / 1e9:.1f} GB/s)")
+            t = time.perf_counter()
+            for _ in range(5):
+                for m in lins:
+                    m.forward(xs[m.in_features])
+            dt = (time.perf_counter() - t) / 5
+        print(f"  the {len(lins)} linears back to back, nothing in between, {str(dt_in).replace('torch.', '')} "
+              f"inputs: {dt * 1e3:.2f} ms per pass ({total / dt / 1e9:.1f} GB/s)")
 
     eng.block_manager.reset_prefix_cache()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
