@@ -39,7 +39,7 @@ INT4_GROUP = 32
 # bf16 activations on a CPU with native bf16 (bf16 tile + oneDNN AMX GEMM, Sapphire Rapids):
 # the tiles cost ~4.2 ms at K=2560 O=6912 whatever N up to 32 (tile writing and the GEMM's weight
 # packing bind, not FLOPs); int8 N=12 3.8 vs 4.2, N=16 6.2 vs 4.2 (K=6912 O=2560: 4.1/4.4,
-# 5.3/4.8); int4 N=16 3.8 vs 4.5, N=24 5.2 vs 4.9 (benchmarks/profile_decode.py shows the effect).
+# 5.3/4.8); int4 N=16 3.8 vs 4.5, N=24 5.2 vs 4.9. Rerun: benchmarks/bench_crossover.py.
 KERNEL_MAX_ROWS = {("int8", torch.float32): 24, ("int4", torch.float32): 48,
                    ("int8", torch.bfloat16): 14, ("int4", torch.bfloat16): 22}
 TILE_ELEMS = 1 << 22  # weights dequantized per tile on the many-row path (16 MiB of fp32)
