@@ -169,6 +169,27 @@ def test_kernel_dequant_matches_torch(fmt, K, layers, ops):
     assert got16.dtype == torch.bfloat16 and torch.equal(got16, m.dequantize(3, 40).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_kernel_bf16_in_and_out_equals_converting_around_fp32(fmt, layers, ops):
+    """bf16 activations go straight into the kernel and come back bf16: bit-identical to
+    converting to fp32, running the fp32 kernel and rounding the result (no conversions)."""
+    g = torch.Generator().manual_seed(5)
+    if ops is None:  # no kernels on this machine: the PyTorch path keeps the dtype contract
+        m = layers[fmt, 100, 129][0]
+        y = m(torch.randn(3, 100, generator=g).to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 129)
+        return
+    for K in KS:
+        for O in (7, 129):
+            m = layers[fmt, K, O][0]
+            for N in (1, 3, m.max_kernel_rows_bf16):
+                x = torch.randn(N, K, generator=g).to(torch.bfloat16)
+                y = m._kernel(ops, x)
+                assert y.dtype == torch.bfloat16 and y.shape == (N, O)
+                assert torch.equal(y, m._kernel(ops, x.float()).to(torch.bfloat16)), (fmt, K, O, N)
+                assert torch.equal(m(x), y)  # the module's decode path is the kernel itself
+
+
 def test_fallback_forced_by_env(monkeypatch):
     monkeypatch.setenv("QWENRUN_NO_KERNELS", "1")
     assert kernels.ops() is None and "QWENRUN_NO_KERNELS" in kernels.unavailable_reason()

@@ -144,21 +144,47 @@ int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(1, (64 << 10) / 
 struct Scratch {  // per-thread activation buffers, grown once and reused across calls
   std::vector<int8_t> q, tmp;
   std::vector<uint8_t> a;
-  std::vector<float> s;
+  std::vector<float> s, xf;
   std::vector<int16_t> c;
 };
 thread_local Scratch scratch;
 
+// Row n of x as fp32: the tensor's own memory, or (bf16 x) converted into a scratch row (exact).
+const float* x_row(const torch::Tensor& x, int64_t n, Scratch& sc) {
+  const int64_t K = x.size(1);
+  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>() + n * K;
+  if (static_cast<int64_t>(sc.xf.size()) < K) sc.xf.resize(K);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + n * K;
+  for (int64_t k = 0; k < K; ++k) sc.xf[k] = bf16_to_f32(src[k]);
+  return sc.xf.data();
+}
+
+// y[n, o] = v in y's dtype: fp32, or bf16 rounded to nearest even (= PyTorch's .to(bfloat16)),
+// so bf16 in / bf16 out is bit-identical to converting around an fp32 call.
+struct YWriter {
+  float* f = nullptr;
+  uint16_t* h = nullptr;
+  int64_t O;
+  explicit YWriter(torch::Tensor& y) : O(y.size(1)) {
+    if (y.scalar_type() == torch::kFloat32) f = y.data_ptr<float>();
+    else h = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  }
+  void operator()(int64_t n, int64_t o, float v) const {
+    if (f) f[n * O + o] = v;
+    else h[n * O + o] = qwenrun::f32_to_bf16(v);
+  }
+};
+
 void check_common(const torch::Tensor& x, const torch::Tensor& qw, const c10::optional<torch::Tensor>& bias, int64_t O) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
+              x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
   TORCH_CHECK(qw.is_contiguous() && qw.dim() == 2, "packed weight must be contiguous 2-D");
   if (bias) TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
 }
 
 }  // namespace
 
-// y[N, O] = x[N, K] @ (qw * scale[:, None])[:, :K].T + bias
+// y[N, O] = x[N, K] @ (qw * scale[:, None])[:, :K].T + bias; x and y fp32 or bf16 (y in x's dtype)
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scale,
                           const c10::optional<torch::Tensor>& bias) {
   const int64_t N = x.size(0), K = x.size(1), O = qw.size(0), Kp = qw.size(1);
@@ -169,25 +195,24 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   Scratch& sc = scratch;
   if (static_cast<int64_t>(sc.q.size()) < N * Kp) sc.q.resize(N * Kp), sc.a.resize(N * Kp);
   if (static_cast<int64_t>(sc.s.size()) < N * nb) sc.s.resize(N * nb);
-  const float* xp = x.data_ptr<float>();
   int8_t* xq = sc.q.data();
   uint8_t* xa = sc.a.data();
   float* xs = sc.s.data();
   for (int64_t n = 0; n < N; ++n) {
-    quantize_row(xp + n * K, K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
+    quantize_row(x_row(x, n, sc), K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
     for (int64_t k = 0; k < Kp; k += 32)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + n * Kp + k),
                           _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + n * Kp + k))));
   }
   auto y = torch::empty({N, O}, x.options());
-  float* yp = y.data_ptr<float>();
+  const YWriter out(y);
   const int8_t* wp = qw.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   at::parallel_for(0, O, grain_for(Kp * N), [&](int64_t o0, int64_t o1) {
     for_rows_streamed(o0, o1, [&](int64_t o) {
       for (int64_t n = 0; n < N; ++n)  // the row stays in L1 for the other n
-        yp[n * O + o] = int8_row(wp + o * Kp, xq + n * Kp, xa + n * Kp, xs + n * nb, nb) * sp[o] + (bp ? bp[o] : 0.f);
+        out(n, o, int8_row(wp + o * Kp, xq + n * Kp, xa + n * Kp, xs + n * nb, nb) * sp[o] + (bp ? bp[o] : 0.f));
     });
   });
   return y;
@@ -206,14 +231,13 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   if (static_cast<int64_t>(scr.tmp.size()) < Kp) scr.tmp.resize(Kp);
   if (static_cast<int64_t>(scr.s.size()) < N * nsb) scr.s.resize(N * nsb);
   if (static_cast<int64_t>(scr.c.size()) < N * nsb * 16) scr.c.resize(N * nsb * 16);
-  const float* xp = x.data_ptr<float>();
   int8_t* xq = scr.q.data();
   float* xs = scr.s.data();
   int16_t* xc = scr.c.data();
   const __m256i eight = _mm256_set1_epi8(8);
   for (int64_t n = 0; n < N; ++n) {
     int8_t* t = scr.tmp.data();
-    quantize_row(xp + n * K, K, Kp, kBlk4, t, xs + n * nsb);
+    quantize_row(x_row(x, n, scr), K, Kp, kBlk4, t, xs + n * nsb);
     int8_t* dst = xq + n * Kp;
     for (int64_t b = 0; b < nsb; ++b) {  // permute into the nibble order, then the offset correction
       for (int g = 0; g < 4; ++g)
@@ -225,7 +249,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
     }
   }
   auto y = torch::empty({N, O}, x.options());
-  float* yp = y.data_ptr<float>();
+  const YWriter out(y);
   const uint8_t* wp = qw.data_ptr<uint8_t>();
   const int8_t* sp = sub.data_ptr<int8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>());
@@ -234,8 +258,8 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   at::parallel_for(0, O, grain_for(ldw * N), [&](int64_t o0, int64_t o1) {
     for_rows_streamed(o0, o1, [&](int64_t o) {
       for (int64_t n = 0; n < N; ++n)
-        yp[n * O + o] = int4_row(wp + o * ldw, sp + o * ldsc, dp + o * nsb, xq + n * Kp, xc + n * nsb * 16,
-                                 xs + n * nsb, nsb) + (bp ? bp[o] : 0.f);
+        out(n, o, int4_row(wp + o * ldw, sp + o * ldsc, dp + o * nsb, xq + n * Kp, xc + n * nsb * 16,
+                           xs + n * nsb, nsb) + (bp ? bp[o] : 0.f));
     });
   });
   return y;

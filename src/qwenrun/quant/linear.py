@@ -211,12 +211,14 @@ class _QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._ops
         if k is not None and x.device.type == "cpu":
-            if x.dim() == 2 and x.shape[0] <= self.max_kernel_rows and x.dtype == torch.float32 and x.is_contiguous():
-                return self._kernel(k, x)  # the decode fast path
+            bf16 = x.dtype == torch.bfloat16
+            if x.dim() == 2 and x.shape[0] <= (self.max_kernel_rows_bf16 if bf16 else self.max_kernel_rows) and (
+                    bf16 or x.dtype == torch.float32) and x.is_contiguous():
+                return self._kernel(k, x)  # the decode fast path: fp32 or bf16 in and out, no conversions
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] <= (self.max_kernel_rows_bf16 if x2.dtype == torch.bfloat16 else self.max_kernel_rows):
-                y = self._kernel(k, x2.float().contiguous())
+            if x2.shape[0] <= (self.max_kernel_rows_bf16 if bf16 else self.max_kernel_rows):
+                y = self._kernel(k, (x2 if bf16 else x2.float()).contiguous())
             elif x2.dtype == torch.bfloat16:
                 # bf16 activations: bf16 tiles and a bf16 GEMM (AMX/AVX512-BF16 where the CPU has
                 # them: 1.6 TFLOP/s vs 0.3 for fp32 sgemm on the dev machine). int8 and the int4
