@@ -140,7 +140,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from qwenrun.bench import measure_limits
+    from qwenrun.bench import measure_limits, peak_key
     from qwenrun.loader import resolve
 
     threads = torch.get_num_threads()
@@ -166,8 +166,8 @@ def main() -> int:
     base = next((r for r in results if r["engine"] == "llama.cpp"), None)
     # The binding limits, from both measurements (the median of two = their mean).
     ceiling = statistics.median([limits["mem_read_gbps"], limits2["mem_read_gbps"]])
-    peaks = {"float32": statistics.median([limits["fp32_gflops"], limits2["fp32_gflops"]]),
-             "bfloat16": statistics.median([limits["bfloat16_gflops"], limits2["bfloat16_gflops"]])}
+    peaks = {str(dt).removeprefix("torch."): statistics.median([limits[peak_key(dt)], limits2[peak_key(dt)]])
+             for dt in (torch.float32, torch.bfloat16)}
     lparams = next((r["linear_params"] for r in results if "linear_params" in r), None)
     print(f"\nlimits (median of start and end): memory read {ceiling:.1f} GB/s, fp32 {peaks['float32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; {threads} threads")

@@ -20,7 +20,9 @@ def _spawn(*args):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-_unread: dict[int, bytes] = {}  # per fd: what was read past the last needle (a chunk may hold several)
+# per stream: what was read past the last needle (a chunk may hold several). Keyed by the stream
+# object, not its fd: a later process may get the same fd number.
+_unread: dict[object, bytes] = {}
 
 
 def _read_until(stream, needle: str, timeout: float = 120) -> str:
@@ -28,7 +30,7 @@ def _read_until(stream, needle: str, timeout: float = 120) -> str:
     import select
 
     fd, end = stream.fileno(), time.time() + timeout
-    buf = _unread.pop(fd, b"")
+    buf = _unread.pop(stream, b"")
     while needle.encode() not in buf:
         left = end - time.time()
         if left <= 0:
@@ -39,7 +41,7 @@ def _read_until(stream, needle: str, timeout: float = 120) -> str:
                 raise AssertionError(f"stream closed before {needle!r}; got {buf[-500:]!r}")
             buf += chunk
     cut = buf.index(needle.encode()) + len(needle.encode())
-    _unread[fd] = buf[cut:]
+    _unread[stream] = buf[cut:]
     return buf[:cut].decode(errors="replace")
 
 

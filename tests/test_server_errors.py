@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -267,28 +268,27 @@ def _stream_then_sigterm(srv: ServerProcess, max_tokens: int) -> tuple[list, flo
     return events, t0
 
 
-def test_sigterm_lets_inflight_finish_and_exits_0(tiny_ckpt, tmp_path):  # noqa: F811
-    srv = ServerProcess([str(tiny_ckpt), "--max-model-len", "512", "--kv-cache-memory", "0.1",
-                         "--shutdown-grace", "20", "--served-model-name", "tiny"], tmp_path / "term.log")
+def _sigterm_midstream(ckpt, log: Path, max_model_len: int, grace: int, max_tokens: int) -> tuple[list, float, str]:
+    """Serve, stream, SIGTERM after the first event; the server must exit 0. Returns the events,
+    the seconds from SIGTERM to exit, and the server's log."""
+    srv = ServerProcess([str(ckpt), "--max-model-len", str(max_model_len), "--kv-cache-memory", "0.1",
+                         "--shutdown-grace", str(grace), "--served-model-name", "tiny"], log)
     try:
         srv.wait_ready(120)
-        events, _ = _stream_then_sigterm(srv, 300)
+        events, t0 = _stream_then_sigterm(srv, max_tokens)
         assert srv.proc.wait(30) == 0, srv.log()
+        return events, time.monotonic() - t0, srv.log()
     finally:
         srv.stop()
+
+
+def test_sigterm_lets_inflight_finish_and_exits_0(tiny_ckpt, tmp_path):  # noqa: F811
+    events, _, log = _sigterm_midstream(tiny_ckpt, tmp_path / "term.log", 512, grace=20, max_tokens=300)
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-    assert "Shutting down" in srv.log()
+    assert "Shutting down" in log
 
 
 def test_sigterm_aborts_after_grace_and_exits_0(tiny_ckpt, tmp_path):  # noqa: F811
-    srv = ServerProcess([str(tiny_ckpt), "--max-model-len", "4096", "--kv-cache-memory", "0.1",
-                         "--shutdown-grace", "1", "--served-model-name", "tiny"], tmp_path / "term2.log")
-    try:
-        srv.wait_ready(120)
-        events, t0 = _stream_then_sigterm(srv, 4000)
-        assert srv.proc.wait(30) == 0, srv.log()
-        elapsed = time.monotonic() - t0
-    finally:
-        srv.stop()
+    events, elapsed, _ = _sigterm_midstream(tiny_ckpt, tmp_path / "term2.log", 4096, grace=1, max_tokens=4000)
     assert "[DONE]" not in events and len(events) < 4000  # cut, not finished
     assert elapsed < 15, elapsed

@@ -54,13 +54,18 @@ def measure_limits(device: torch.device, dtype: torch.dtype = torch.float32, rep
     out = {"mem_read_gbps": bw}
     for dt in dict.fromkeys((torch.float32, dtype)):
         a = torch.randn(m, m, device=device).to(dt)
-        out[f"{str(dt).replace('torch.', '')}_gflops".replace("float32", "fp32")] = timed(lambda: a @ a, 2 * m ** 3) / 1e9
+        out[peak_key(dt)] = timed(lambda: a @ a, 2 * m ** 3) / 1e9
     return out
+
+
+def peak_key(dtype: torch.dtype) -> str:
+    """The limits' key of the matmul peak in ``dtype``: fp32_gflops, bfloat16_gflops, ..."""
+    return "fp32_gflops" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')}_gflops"
 
 
 def _peak(limits: dict[str, float], dtype: torch.dtype) -> float:
     """Compute peak for activations of ``dtype`` (fp32 peak when it was not measured)."""
-    return limits.get(f"{str(dtype).replace('torch.', '')}_gflops", limits["fp32_gflops"])
+    return limits.get(peak_key(dtype), limits["fp32_gflops"])
 
 
 def _sync(device: torch.device) -> None:

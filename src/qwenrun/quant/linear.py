@@ -135,11 +135,10 @@ _tls = threading.local()
 def _tile_buffer(rows: int, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A per-thread scratch tile of ``dtype``, reused across calls and layers (one weight tile is
     consumed by its matmul before the next is written)."""
-    attr = f"buf_{dtype}"
-    buf = getattr(_tls, attr, None)
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
     if buf is None or buf.numel() < rows * K:
-        buf = torch.empty(max(rows * K, TILE_ELEMS), dtype=dtype)
-        setattr(_tls, attr, buf)
+        buf = bufs[dtype] = torch.empty(max(rows * K, TILE_ELEMS), dtype=dtype)
     return buf[:rows * K].view(rows, K)
 
 
@@ -212,14 +211,14 @@ class _QuantLinear(nn.Module):
         k = self._ops
         if k is not None and x.device.type == "cpu":
             bf16 = x.dtype == torch.bfloat16
-            if x.dim() == 2 and x.shape[0] <= (self.max_kernel_rows_bf16 if bf16 else self.max_kernel_rows) and (
-                    bf16 or x.dtype == torch.float32) and x.is_contiguous():
+            limit = self.max_kernel_rows_bf16 if bf16 else self.max_kernel_rows
+            if x.dim() == 2 and x.shape[0] <= limit and (bf16 or x.dtype == torch.float32) and x.is_contiguous():
                 return self._kernel(k, x)  # the decode fast path: fp32 or bf16 in and out, no conversions
             lead = x.shape[:-1]
             x2 = x.reshape(-1, self.in_features)
-            if x2.shape[0] <= (self.max_kernel_rows_bf16 if bf16 else self.max_kernel_rows):
+            if x2.shape[0] <= limit:
                 y = self._kernel(k, (x2 if bf16 else x2.float()).contiguous())
-            elif x2.dtype == torch.bfloat16:
+            elif bf16:
                 # bf16 activations: bf16 tiles and a bf16 GEMM (AMX/AVX512-BF16 where the CPU has
                 # them: 1.6 TFLOP/s vs 0.3 for fp32 sgemm on the dev machine). int8 and the int4
                 # levels are exact in bf16; only the per-row scale product rounds.

@@ -150,7 +150,7 @@ class OpenAIServing:
                 choices.append({"index": c.index, "message": message,
                                 "logprobs": ({"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
                                              if top is not None else None),
-                                "finish_reason": "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason})
+                                "finish_reason": tool_calls.finish_reason(calls, c.finish_reason)})
             return JSONResponse({**head, "choices": choices, "usage": self._usage([ids], [out]),
                                  "system_fingerprint": None})
         head["object"] = "chat.completion.chunk"
@@ -188,7 +188,7 @@ class OpenAIServing:
                                 yield chunk(i, {"content": rest})
                             if calls:
                                 yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
-                                finish = "tool_calls" if finish == "stop" else finish
+                            finish = tool_calls.finish_reason(calls, finish)
                         yield chunk(i, {}, finish=finish)
             if include_usage and out is not None:
                 yield _sse({**head, "choices": [], "usage": self._usage([ids], [out])})

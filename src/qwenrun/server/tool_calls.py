@@ -33,6 +33,11 @@ def _call(obj: Any) -> dict[str, Any] | None:
             "function": {"name": obj["name"], "arguments": args}}
 
 
+def finish_reason(calls: list[dict[str, Any]], reason: str | None) -> str | None:
+    """OpenAI's finish reason: "tool_calls" when the model stopped on its own after calling."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def tool_names(tools: list[dict[str, Any]] | None) -> set[str]:
     """Names of the declared functions (OpenAI ``{"type": "function", "function": {"name": ...}}``)."""
     out = set()
