@@ -30,3 +30,11 @@ def test_bench_throughput_batches(tiny_dir):
                   "--repeats", "1", "--max-model-len", "128", "--kv-cache-memory", "0.01")
     assert [r["batch"] for r in recs] == [1, 4]
     assert all(r["output_tokens_per_s"] > 0 for r in recs)
+
+
+def test_sig_keeps_small_fractions_visible():
+    from qwenrun.bench import sig
+
+    # A tiny model on a fast CPU reaches a sliver of the compute peak: it must not print as 0.0.
+    assert sig(0.0123) == 0.0123 and sig(0.04) > 0
+    assert sig(123456.7) == 123000 and sig(12.345) == 12.3 and sig(0) == 0

@@ -7,6 +7,7 @@ tokens/s and GFLOP/s against the compute peak. One JSON line per result on stdou
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -18,6 +19,14 @@ import time
 import torch
 
 from .sampling_params import SamplingParams
+
+
+def sig(x: float, digits: int = 3) -> float:
+    """Round to ``digits`` significant figures: a small fraction (a tiny model's share of the
+    compute peak on a fast CPU) stays visible instead of rounding to 0.0."""
+    if x == 0 or x != x or x in (float("inf"), float("-inf")):
+        return x
+    return round(x, max(0, digits - 1 - math.floor(math.log10(abs(x)))))
 
 
 def _commit() -> str:
@@ -134,11 +143,11 @@ def run_latency(args, eng, limits: dict) -> None:
     gflops = 2 * lparams * p / 1e9
     base = _header(args, eng, limits)
     _emit({**base, "bench": "prefill", "batch": 1, "input_len": args.input_len, "tokens_per_s": round(p, 2),
-           "gflops": round(gflops, 1),
-           "pct_of_compute_peak": round(100 * gflops / _peak(limits, eng.loaded.dtype), 1)})
+           "gflops": sig(gflops),
+           "pct_of_compute_peak": sig(100 * gflops / _peak(limits, eng.loaded.dtype))})
     _emit({**base, "bench": "decode", "batch": 1, "context": args.input_len, "output_len": args.output_len,
            "tokens_per_s": round(d, 2), "weight_gb": round(wbytes / 1e9, 3), "gbps": round(gbps, 2),
-           "pct_of_mem_ceiling": round(100 * gbps / limits["mem_read_gbps"], 1),
+           "pct_of_mem_ceiling": sig(100 * gbps / limits["mem_read_gbps"]),
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
 
 
@@ -171,8 +180,8 @@ def run_throughput(args, eng, limits: dict) -> None:
         _emit({**base, "bench": "throughput", "batch": b, "input_len": args.input_len, "output_len": args.output_len,
                "output_tokens_per_s": round(e2e, 2), "decode_tokens_per_s": round(dec, 2),
                "seconds": round(statistics.median(r[2] for r in results), 2),
-               "decode_gflops": round(gflops, 1),
-               "pct_of_compute_peak": round(100 * gflops / _peak(limits, eng.loaded.dtype), 1),
+               "decode_gflops": sig(gflops),
+               "pct_of_compute_peak": sig(100 * gflops / _peak(limits, eng.loaded.dtype)),
                "decode_weight_gbps": round(wbytes * dec / b / 1e9, 2),
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
 
