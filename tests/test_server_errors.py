@@ -106,7 +106,7 @@ def test_out_of_range(guarded, field, value):
 
 def test_top_logprobs_out_of_range(guarded):
     assert_error(post(guarded, "/v1/chat/completions", chat_body(logprobs=True, top_logprobs=50)), 400,
-                 param="logprobs", contains=("[0, 20]",))
+                 param="top_logprobs", code="limit_exceeded", contains=("at most 20", "--max-logprobs"))
 
 
 def test_tool_choice_that_needs_constrained_decoding(guarded):
@@ -145,12 +145,23 @@ def test_prompt_beyond_context(guarded):
     assert str(CONTEXT + 10) in err["message"] and str(CONTEXT) in err["message"]
 
 
-def test_default_max_tokens_is_rest_of_context(guarded):
-    prompt = [5] * (CONTEXT - 20)
-    r = post(guarded, "/v1/completions", {"prompt": prompt, "ignore_eos": True, "temperature": 0})
+def test_completions_default_max_tokens_is_16(guarded):
+    # OpenAI's (and vLLM's) default for /v1/completions; a 1-token prompt used to run to the end
+    r = post(guarded, "/v1/completions", {"prompt": [5], "ignore_eos": True, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["usage"]["completion_tokens"] == 20 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 16 and body["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_default_max_tokens_is_rest_of_context(guarded):
+    body = chat_body(ignore_eos=True, temperature=0)
+    del body["max_tokens"]
+    body["messages"][0]["content"] = "Hi " * 100
+    r = post(guarded, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+    assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
 # -- 401, 404, 405, 413 ------------------------------------------------------------------------------

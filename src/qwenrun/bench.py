@@ -26,7 +26,7 @@ def sig(x: float, digits: int = 3) -> float:
     compute peak on a fast CPU) stays visible instead of rounding to 0.0."""
     if x == 0 or x != x or x in (float("inf"), float("-inf")):
         return x
-    return round(x, max(0, digits - 1 - math.floor(math.log10(abs(x)))))
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
 def _commit() -> str:

@@ -74,7 +74,9 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}")
         content = m.get("content")
-        if content is None and not (role == "assistant" and m.get("tool_calls")):
+        if role == "assistant":
+            _check_calls(m, i)
+        if content is None and not (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
             raise ValueError(f"messages[{i}].content is missing")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             texts = []
@@ -88,6 +90,30 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
         out.append(m)
     return out
+
+
+def _check_function(fn: Any, where: str) -> None:
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ValueError(f"{where} must be an object with a non-empty 'name' and 'arguments'")
+    if "arguments" not in fn or not isinstance(fn["arguments"], (str, dict)):
+        raise ValueError(f"{where}.arguments must be a JSON string (or an object)")
+
+
+def _check_calls(m: dict[str, Any], i: int) -> None:
+    """An assistant's earlier ``tool_calls`` / legacy ``function_call`` must be whole: templates
+    print them field by field, and a missing field would render as garbage or fail."""
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise ValueError(f"messages[{i}].tool_calls must be a list of tool calls")
+        for j, c in enumerate(calls):
+            if not isinstance(c, dict):
+                raise ValueError(f"messages[{i}].tool_calls[{j}] must be an object")
+            if c.get("type", "function") != "function":
+                raise ValueError(f"messages[{i}].tool_calls[{j}].type must be 'function'")
+            _check_function(c.get("function"), f"messages[{i}].tool_calls[{j}].function")
+    if m.get("function_call") is not None:
+        _check_function(m["function_call"], f"messages[{i}].function_call")
 
 
 def render_chat(template: str | None, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
@@ -104,6 +130,9 @@ def render_chat(template: str | None, messages: list[dict[str, Any]], *, add_gen
             messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **ctx)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template error: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        # The template (untrusted code) choked on this conversation: the request's problem.
+        raise ValueError(f"chat template error: the conversation cannot be rendered ({type(e).__name__}: {e})") from None
     if continue_final_message:
         final = messages[-1].get("content") or ""
         idx = text.rfind(final)

@@ -187,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", 8 << 20)))
     s.add_argument("--shutdown-grace", type=float, default=float(_env("shutdown_grace", 10)),
                    help="seconds in-flight requests may finish after SIGTERM")
+    lim = s.add_argument_group("cost caps per request (each answered with a 400 naming the flag)")
+    lim.add_argument("--max-n", type=int, default=int(_env("max_n", 128)), help="samples per request")
+    lim.add_argument("--max-logit-bias", type=int, default=int(_env("max_logit_bias", 300)),
+                     help="logit_bias entries (OpenAI's limit: 300)")
+    lim.add_argument("--max-stop", type=int, default=int(_env("max_stop", 32)), help="stop strings per request")
+    lim.add_argument("--max-stop-length", type=int, default=int(_env("max_stop_length", 1024)),
+                     help="characters per stop string")
+    lim.add_argument("--max-logprobs", type=int, default=int(_env("max_logprobs", 20)),
+                     help="top logprobs per token (at most 20)")
+    lim.add_argument("--max-echo-logprob-tokens", type=int, default=int(_env("max_echo_logprob_tokens", 32768)),
+                     help="n x prompt tokens of an echo + logprobs completion")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks: latency | throughput | serve")

@@ -8,3 +8,8 @@ class ModelLoadError(ValueError):
 
 class ContextLengthError(ValueError):
     """A request does not fit the model's context (prompt + max_tokens > max_model_len)."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (its model step or its post-processing raised); the
+    engine and every other request carry on. Not the user's fault: the server answers 500."""

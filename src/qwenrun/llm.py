@@ -8,8 +8,9 @@ from typing import Any
 from .chat_template import render_chat
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
-from .outputs import RequestOutput
+from .outputs import OutputKind, RequestOutput
 from .sampling_params import SamplingParams
+from .errors import RequestFailedError
 from .tokenizer import Tokenizer
 
 
@@ -101,6 +102,8 @@ class LLM:
                 for out in eng.step():
                     if out.request_id == rid:
                         done = out.finished
+                        if out.error is not None:
+                            raise RequestFailedError(out.error)
                         yield out
         finally:
             if not done:
@@ -112,11 +115,14 @@ class LLM:
         try:
             for (prompt, toks), sp in zip(items, params):
                 rid = f"llm-{next(self._ids)}"
-                eng.add_request(rid, prompt, sp, prompt_token_ids=toks)
+                # final: one output per request at its end (no per-step copies of its history)
+                eng.add_request(rid, prompt, sp, prompt_token_ids=toks, output_kind=OutputKind.FINAL)
                 ids.append(rid)
             final: dict[str, RequestOutput] = {}
             while len(final) < len(ids):
                 for out in eng.step():
+                    if out.error is not None:
+                        raise RequestFailedError(f"request {ids.index(out.request_id)} failed: {out.error}")
                     if out.finished:
                         final[out.request_id] = out
         except BaseException:

@@ -42,8 +42,6 @@ class SamplingParams:
 
         if not _is_int(self.n) or self.n < 1:
             bad(f"n must be an integer >= 1, got {self.n!r}")
-        if self.n > 128:
-            bad(f"n must be at most 128, got {self.n}")
         if self.temperature is not None and (not _is_num(self.temperature) or self.temperature < 0):
             bad(f"temperature must be >= 0, got {self.temperature!r}")
         if self.top_p is not None and (not _is_num(self.top_p) or not 0 < self.top_p <= 1):

@@ -2,7 +2,13 @@
 
 ``step()`` = schedule → run the model → update sequences (tokens, token-level stops) → text and
 stop strings → RequestOutputs for every request that changed. Single-threaded; AsyncLLM drives it
-from a background thread."""
+from a background thread.
+
+Failures stay with the requests they belong to: an exception inside the model step fails the
+requests scheduled in that step (their blocks are freed; their outputs carry ``error``), one in a
+request's own post-processing (detokenization, stop strings) fails that request alone, and the
+engine carries on. ``consecutive_step_failures`` counts model steps that failed in a row, so the
+owner can tell a bad request from a broken device."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +21,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import ContextLengthError
 from ..loader import LoadedModel, load
-from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..outputs import CompletionOutput, OutputKind, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .memory import plan_kv_pool
@@ -38,6 +44,12 @@ class Request:
     metrics: RequestMetrics
     aborted: bool = False
     prompt_logprobs: list | None = field(default=None)
+    output_kind: OutputKind = OutputKind.CUMULATIVE
+    # delta outputs: how much of each sample (by index) has been handed out already
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_text: list[int] = field(default_factory=list)
+    sent_finish: list[bool] = field(default_factory=list)
+    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
@@ -63,12 +75,14 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, 1))
         valid_vocab = len(self.tokenizer) if self.tokenizer is not None else None
-        self.runner = ModelRunner(lm.model, self.cache, Sampler(lm.config.vocab_size, valid_vocab), lm.device)
+        self.runner = ModelRunner(lm.model, self.cache, Sampler(lm.config.vocab_size, valid_vocab), lm.device,
+                                  decode_gather_tokens=self.plan.decode_gather_tokens)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._eos = frozenset(lm.generation_defaults.eos_token_id or lm.config.eos_token_id)
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "failed": 0}
+        self.consecutive_step_failures = 0
 
     # -- requests -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
@@ -99,7 +113,8 @@ class LLMEngine:
                                      f"{num_prompt + max_tokens}, more than the context of {limit} tokens")
 
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> Request:
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = (params or SamplingParams()).resolve(self.generation_defaults)
@@ -118,13 +133,16 @@ class LLMEngine:
             seq = Sequence(request_id, i, ids, params, self._eos, self.max_model_len)
             # Distinct but reproducible streams for the n samples of one seeded request.
             seq.seed = (base_seed + i * 0x9E3779B97F4A7C15) % (1 << 63)
-            if i and self.config.enable_prefix_caching and params.prompt_logprobs is None:
-                seq.wait_for = seqs[0]  # share the prompt's KV blocks through the prefix cache
+            if i and self.config.enable_prefix_caching:
+                # Share the prompt's KV blocks through the prefix cache (and its prompt logprobs,
+                # which only the first sample computes: once per request, not once per sample).
+                seq.wait_for = seqs[0]
             seqs.append(seq)
         for seq in seqs:
             self.scheduler.add(seq)
         req = Request(request_id, prompt, ids, params, seqs,
-                      RequestMetrics(arrival_time=arrival_time or time.time()))
+                      RequestMetrics(arrival_time=arrival_time or time.time()), output_kind=output_kind,
+                      sent_tokens=[0] * params.n, sent_text=[0] * params.n, sent_finish=[False] * params.n)
         self.requests[request_id] = req
         self.stats["prompt_tokens"] += len(ids)
         return req
@@ -153,51 +171,110 @@ class LLMEngine:
             req = self.requests.get(s.seq.request_id)
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        sampled = self.runner.execute(sched)
+        try:
+            sampled = self.runner.execute(sched)
+        except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
+            self.consecutive_step_failures += 1
+            rids = list(dict.fromkeys(s.seq.request_id for s in sched.scheduled))
+            log.exception("the model step failed; failing the %d request(s) in it", len(rids))
+            return [o for rid in rids if (o := self.fail_request(rid, f"the model step failed: {e!r}")) is not None]
+        self.consecutive_step_failures = 0
         got = self.scheduler.update(sched, sampled)
         changed: dict[str, Request] = {}
+        failed: dict[str, str] = {}
         now = time.time()
         for seq in got:
             req = self.requests.get(seq.request_id)
-            if req is None:
+            if req is None or req.request_id in failed:
                 continue
             self.stats["generation_tokens"] += 1
-            stop = self.output_processor.process(seq, [seq.token_ids[-1]])
-            if stop is not None:
-                self.scheduler.finish(seq, "stop", stop)
-            elif seq.is_finished:
-                self.output_processor.process(seq, [])  # flush held bytes
+            try:
+                stop = self.output_processor.process(seq, [seq.token_ids[-1]])
+                if stop is not None:
+                    self.scheduler.finish(seq, "stop", stop)
+                elif seq.is_finished:
+                    self.output_processor.process(seq, [])  # flush held bytes
+            except Exception as e:  # noqa: BLE001 - this request's text failed: fail it alone
+                log.exception("post-processing request %s failed", req.request_id)
+                failed[req.request_id] = f"post-processing failed: {e!r}"
+                continue
             m = req.metrics
             m.first_token_time = m.first_token_time or now
             m.last_token_time = now
             changed[req.request_id] = req
         outputs = []
+        for rid, why in failed.items():
+            changed.pop(rid, None)
+            if (o := self.fail_request(rid, why)) is not None:
+                outputs.append(o)
         for req in changed.values():
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
                 self.stats["finished"] += 1
-            outputs.append(self._output(req))
+            try:
+                out = self._output(req)
+            except Exception as e:  # noqa: BLE001
+                log.exception("building the output of request %s failed", req.request_id)
+                out = self.fail_request(req.request_id, f"building its output failed: {e!r}", req)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _output(self, req: Request) -> RequestOutput:
+    def fail_request(self, request_id: str, message: str, req: Request | None = None) -> RequestOutput | None:
+        """End a request with an error (its blocks freed); its last output carries ``error``."""
+        req = self.requests.pop(request_id, None) or req
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "error")
+        self.stats["failed"] += 1
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                             outputs=[CompletionOutput(index=s.index, text="", token_ids=[], finish_reason="error")
+                                      for s in req.seqs],
+                             finished=True, metrics=req.metrics, error=message)
+
+    def _output(self, req: Request) -> RequestOutput | None:
+        """The request's output in its kind: everything so far (cumulative), what is new since
+        the last one (delta: slices only, never a copy of the history), or nothing until the end
+        (final)."""
+        kind = req.output_kind
+        done = req.finished or req.aborted
+        if kind is OutputKind.FINAL and not done:
+            return None
+        delta = kind is OutputKind.DELTA
+        want_lp = req.params.logprobs is not None
         comps = []
         for seq in req.seqs:
+            i = seq.index
+            text_end = self.output_processor.visible_len(seq)
+            t0 = req.sent_tokens[i] if delta else 0
+            x0 = req.sent_text[i] if delta else 0
+            n_out = seq.num_tokens - seq.prompt_len
+            fin = seq.finish_reason if seq.is_finished else None
+            if delta:
+                if t0 == n_out and x0 == text_end and (fin is None or req.sent_finish[i]):
+                    continue  # nothing new for this sample
+                req.sent_tokens[i], req.sent_text[i], req.sent_finish[i] = n_out, text_end, fin is not None
             comps.append(CompletionOutput(
-                index=seq.index,
-                text=self.output_processor.visible_text(seq),
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if req.params.logprobs is not None else None,
-                logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason if seq.is_finished else None,
+                index=i,
+                text=self.output_processor.text_slice(seq, x0, text_end),
+                token_ids=seq.token_ids[seq.prompt_len + t0:],
+                cumulative_logprob=seq.cumulative_logprob if want_lp else None,
+                logprobs=seq.logprobs[t0:] if want_lp else None,
+                finish_reason=fin,
                 stop_reason=seq.stop_reason,
             ))
         first = req.seqs[0]
         req.metrics.num_cached_tokens = first.num_cached_tokens
+        plp = None
+        if req.params.prompt_logprobs is not None and not (delta and req.sent_prompt_logprobs):
+            plp = first.prompt_logprobs if delta else list(first.prompt_logprobs)
+            req.sent_prompt_logprobs = True
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=comps, finished=req.finished or req.aborted,
-            prompt_logprobs=list(first.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
+            outputs=comps, finished=done, prompt_logprobs=plp,
             metrics=req.metrics, num_cached_tokens=first.num_cached_tokens)
 
     # -- introspection (metrics) -----------------------------------------------------------------

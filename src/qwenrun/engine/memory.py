@@ -32,6 +32,7 @@ class KVPlan:
     kv_heads: int
     head_dim: int
     device: torch.device
+    decode_gather_tokens: int | None = None  # ModelRunner's decode group budget (rows x context)
 
     @property
     def num_tokens(self) -> int:
@@ -51,16 +52,42 @@ class KVPlan:
                        self.dtype, self.device)
 
 
-def activation_bytes(cfg: EngineConfig, lm: LoadedModel) -> int:
+# Decode attention gathers each group's K/V ([rows, padded context, Hkv, d], one layer at a time).
+# The budget, in rows x context tokens, is at least one full context and at least this many bytes.
+DECODE_GATHER_BYTES = 256 << 20
+
+
+def decode_gather_tokens(cfg: EngineConfig, lm: LoadedModel, kv_dtype: torch.dtype) -> int:
+    """Rows x padded context one decode attention group may gather (ModelRunner splits decode
+    batches by it): never less than one whole context, so any single decode fits."""
+    m = lm.config
+    want_len = cfg.max_model_len or m.max_position_embeddings
+    elem = torch.empty((), dtype=lm.dtype).element_size()
+    per_tok = 2 * m.num_key_value_heads * m.head_dim * elem  # K + V of one token, one layer
+    return max(want_len, DECODE_GATHER_BYTES // per_tok)
+
+
+def _fused_decode(kv_dtype: torch.dtype, device: torch.device) -> bool:
+    """int8 KV on CPU: decode attends the int8 rows in place (no gathered copy)."""
+    return kv_dtype == torch.int8 and device.type == "cpu"
+
+
+def activation_bytes(cfg: EngineConfig, lm: LoadedModel, kv_dtype: torch.dtype | None = None) -> int:
     """Peak scratch memory of one step: hidden states of a full prefill chunk, the widest
-    intermediate, logits and sampler temporaries for every sequence, attention scratch."""
+    intermediate, logits and sampler temporaries for every sequence, attention scratch (the
+    decode K/V gather of one group at its budget, with its dequantized / converted copies)."""
     m = lm.config
     elem = torch.empty((), dtype=lm.dtype).element_size()
     t = cfg.max_num_batched_tokens
     qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
     per_token = (6 * m.hidden_size + qkv + 3 * m.intermediate_size) * elem
     logits = cfg.max_num_seqs * m.vocab_size * 4 * 4  # logits, processed copy, noise, sort
-    return t * per_token + logits + 256 * (1 << 20)
+    kv_dtype = kv_dtype or lm.dtype
+    g = decode_gather_tokens(cfg, lm, kv_dtype)
+    gather = g * 16  # slot indices and the mask
+    if not _fused_decode(kv_dtype, lm.device):
+        gather += 3 * g * 2 * m.num_key_value_heads * m.head_dim * elem  # K+V, fp32 dequant, dtype copy
+    return t * per_token + logits + gather + 256 * (1 << 20)
 
 
 def plan_kv_pool(cfg: EngineConfig, lm: LoadedModel) -> KVPlan:
@@ -72,7 +99,7 @@ def plan_kv_pool(cfg: EngineConfig, lm: LoadedModel) -> KVPlan:
     want_len = cfg.max_model_len or model_max
     dtype = kv_storage_dtype(cfg.kv_cache_dtype, lm.dtype, lm.device)
     per_tok = bytes_per_token(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, dtype)
-    act = activation_bytes(cfg, lm)
+    act = activation_bytes(cfg, lm, dtype)
     avail = available_memory(lm.device) - lm.file_backed_bytes  # mmap'd weights must stay resident
     budget = max(0, avail - act)
     if cfg.kv_cache_memory is not None:
@@ -102,6 +129,7 @@ def plan_kv_pool(cfg: EngineConfig, lm: LoadedModel) -> KVPlan:
         want_len = tokens
     plan = KVPlan(num_blocks=num_blocks, block_size=bs, dtype=dtype, bytes_per_token=per_tok,
                   max_model_len=want_len, activation_bytes=act, available_bytes=avail,
+                  decode_gather_tokens=decode_gather_tokens(cfg, lm, dtype),
                   num_layers=m.num_hidden_layers, kv_heads=m.num_key_value_heads, head_dim=m.head_dim,
                   device=lm.device)
     log.info(plan.report())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.attention import AttentionMetadata, PrefillSpan
+from ..layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from .kv_cache import KVCache
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, SchedulerOutput
@@ -17,8 +17,11 @@ _PROMPT_LOGPROB_ROWS = 256  # LM-head rows per chunk for prompt_logprobs ([rows,
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, sampler: Sampler, device: torch.device) -> None:
+    def __init__(self, model, cache: KVCache, sampler: Sampler, device: torch.device,
+                 decode_gather_tokens: int | None = None) -> None:
         self.model = model
+        # decode rows x padded context per attention group (the memory plan's gather budget)
+        self.decode_gather_tokens = decode_gather_tokens
         self.cache = cache
         self.sampler = sampler
         self.device = device
@@ -38,7 +41,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[int, int]:
         """Run one step; returns {seq_id: sampled token}. Appends logprobs to the sequences."""
         dev = self.device
-        items = sorted(sched.scheduled, key=lambda s: s.num_tokens > 1)  # decodes first (stable)
+        # decodes first, shortest context first (so decode groups pad little), then prefill spans
+        items = sorted(sched.scheduled, key=lambda s: (s.num_tokens > 1, s.start if s.num_tokens == 1 else 0))
         decodes = [s for s in items if s.num_tokens == 1]
         ids: list[int] = []
         pos_parts, slot_parts = [], []
@@ -49,8 +53,9 @@ class ModelRunner:
         positions = torch.cat(pos_parts)
         slot_mapping = torch.cat(slot_parts)
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(dev), num_decode=len(decodes))
-        if decodes:
-            meta.decode_slots, meta.decode_context_lens = self._decode_slots(decodes, slot_mapping[:len(decodes)])
+        for g0, g1 in self._decode_groups(decodes):
+            slots, lens = self._decode_slots(decodes[g0:g1], slot_mapping[g0:g1])
+            meta.decode_groups.append(DecodeGroup(g0, g1, slots, lens))
         offset = len(decodes)
         for s in items[len(decodes):]:
             ctx = s.start + s.num_tokens
@@ -87,6 +92,22 @@ class ModelRunner:
                 seq.logprobs.append(lp)
                 seq.cumulative_logprob += lp[tok]
         return {seq.seq_id: tok for seq, tok in zip(sample_seqs, result.token_ids)}
+
+    def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[tuple[int, int]]:
+        """Split decodes (sorted by context length) into runs whose rows x longest context fit
+        the gather budget; a context longer than the budget alone is a group of its own."""
+        budget = self.decode_gather_tokens
+        if not decodes:
+            return []
+        if budget is None:
+            return [(0, len(decodes))]
+        groups, g0 = [], 0
+        for i, s in enumerate(decodes):
+            if i > g0 and (i - g0 + 1) * (s.start + 1) > budget:
+                groups.append((g0, i))
+                g0 = i
+        groups.append((g0, len(decodes)))
+        return groups
 
     def _decode_slots(self, decodes: list[ScheduledSeq], new_slots: torch.Tensor):
         """[B, L] slots of every decode's context (padding repeats the new token's slot, which

@@ -54,8 +54,16 @@ class OutputProcessor:
         st.text = st.text[:i + len(stop) if seq.params.include_stop_str_in_output else i]
         return stop
 
-    def visible_text(self, seq: Sequence) -> str:
+    def visible_len(self, seq: Sequence) -> int:
+        """Characters of seq's text a client may see now (a possible stop-string start is held)."""
         st = self._state(seq)
         if seq.is_finished or not st.holdback:
-            return st.text
-        return st.text[:max(0, len(st.text) - st.holdback)]
+            return len(st.text)
+        return max(0, len(st.text) - st.holdback)
+
+    def text_slice(self, seq: Sequence, start: int, end: int) -> str:
+        """seq's text [start, end): a delta costs its own length, not the whole text's."""
+        return self._state(seq).text[start:end]
+
+    def visible_text(self, seq: Sequence) -> str:
+        return self.text_slice(seq, 0, self.visible_len(seq))

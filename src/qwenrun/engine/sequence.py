@@ -68,7 +68,9 @@ class Sequence:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+        """Prompt logprobs are a property of the request: only its first sample computes them."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and len(self.prompt_logprobs) < self.prompt_len)
 
     def blocked(self) -> bool:
         """True while this sequence should wait for a sibling to fill the shared prompt blocks."""

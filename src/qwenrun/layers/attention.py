@@ -25,24 +25,39 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decodes attended together: rows [start, end) of the flat batch, padded to one length.
+    Decodes are split into groups so that rows x padded length stays within the memory plan's
+    gather budget: one long context beside many short ones never pads the short ones to its
+    length (which would gather B x L_max K/V rows)."""
+
+    start: int
+    end: int
+    # [B, L] long: slots of each decode's context (padded); or, for one sequence whose blocks are
+    # contiguous in the pool, a slice of them (K/V are then read in place, without a gather).
+    slots: torch.Tensor | slice
+    lens: torch.Tensor  # [B] long, context incl. the new token
+
+    @property
+    def max_len(self) -> int:
+        return self.slots.stop - self.slots.start if isinstance(self.slots, slice) else self.slots.shape[1]
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] long: where each token's K/V goes
     num_decode: int = 0
-    # [B, L] long: slots of each decode's context (padded); or, for one sequence whose blocks are
-    # contiguous in the pool, a slice of them (K/V are then read in place, without a gather).
-    decode_slots: torch.Tensor | slice | None = None
-    decode_context_lens: torch.Tensor | None = None  # [B] long, context incl. the new token
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSpan] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, L] bool: key j is visible to decode b."""
-        key = ("decode", window)
+    def decode_mask(self, g: int, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, L] bool: key j is visible to decode b of group g."""
+        key = ("decode", g, window)
         if key not in self._masks:
-            lens = self.decode_context_lens[:, None]  # [B, 1]
-            max_len = self.decode_slots.stop - self.decode_slots.start if isinstance(
-                self.decode_slots, slice) else self.decode_slots.shape[1]
-            j = torch.arange(max_len, device=lens.device)[None, :]  # [1, L]
+            grp = self.decode_groups[g]
+            lens = grp.lens[:, None]  # [B, 1]
+            j = torch.arange(grp.max_len, device=lens.device)[None, :]  # [1, L]
             m = j < lens
             if window is not None:
                 m &= j > lens - 1 - window
@@ -76,18 +91,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
     n_heads, n_kv = q.shape[1], k.shape[1]
     gqa = n_heads != n_kv
     out = torch.empty_like(q)
-    b = meta.num_decode
-    if b:
-        od = cache.decode_attention(layer, q[:b], meta.decode_slots, meta.decode_context_lens, window, scale)
+    for g, grp in enumerate(meta.decode_groups):
+        qd = q[grp.start:grp.end]
+        od = cache.decode_attention(layer, qd, grp.slots, grp.lens, window, scale)
         if od is None:
             # SDPA on the gathered [B, L, Hkv, d] layout: measured 1.5x (GQA) to 8x (MHA, 4B shapes)
             # faster than batched matmuls, which fall off MKL's fast path on the transposed keys.
-            kd, vd = cache.read(layer, meta.decode_slots, q.dtype)  # [B, L, Hkv, d]
+            kd, vd = cache.read(layer, grp.slots, q.dtype)  # [B, L, Hkv, d]
             od = F.scaled_dot_product_attention(
-                q[:b, :, None, :],  # [B, H, 1, d]
+                qd[:, :, None, :],  # [B, H, 1, d]
                 kd.transpose(1, 2), vd.transpose(1, 2),  # [B, Hkv, L, d]
-                attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=gqa)[:, :, 0, :]
-        out[:b] = od
+                attn_mask=meta.decode_mask(g, window), scale=scale, enable_gqa=gqa)[:, :, 0, :]
+            del kd, vd  # free this group's gather before the next one's
+        out[grp.start:grp.end] = od
     for i, p in enumerate(meta.prefills):
         s, e = p.start, p.start + p.num_tokens
         if p.slots is None:

@@ -4,7 +4,12 @@ The HTTP listener starts at once and the model loads on a background thread: /he
 503 (and inference routes 503 with Retry-After) until it is ready, so orchestrators can tell
 "starting" from "dead". SIGTERM (uvicorn's handler) stops accepting connections, lets in-flight
 requests finish for up to --shutdown-grace seconds, cancels the rest (which aborts their engine
-requests), stops the engine thread and exits 0."""
+requests), stops the engine thread and exits 0. If the engine itself dies (model steps failing
+in a row: a broken device), /health turns 503 at once, the server drains and exits 1, so a
+service manager restarts it.
+
+Request bodies are parsed (JSON, then the pydantic models) on a worker thread: a multi-megabyte
+body never stalls the event loop. /openapi.json describes the real request bodies."""
 from __future__ import annotations
 
 import argparse
@@ -27,9 +32,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .limits import RequestLimits
 from .metrics import ServerMetrics
-from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                       error_body, validation_error)
+from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                       TokenizeRequest, error_body, validation_error)
 
 log = logging.getLogger("qwenrun.server")
 M = TypeVar("M", bound=BaseModel)
@@ -47,9 +53,17 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.model_name, lambda: self.llm)
-        self.server: Any = None  # the uvicorn.Server, told to exit if loading fails
+        self.server: Any = None  # the uvicorn.Server, told to exit if loading fails or the engine dies
+        self.engine_error: BaseException | None = None
+        self.limits = RequestLimits(
+            max_n=args.max_n, max_logit_bias=args.max_logit_bias, max_stop=args.max_stop,
+            max_stop_length=args.max_stop_length, max_logprobs=args.max_logprobs,
+            max_echo_logprob_tokens=args.max_echo_logprob_tokens)
 
     def ready(self):
+        if self.llm is not None and not self.llm.healthy:
+            raise APIError(503, f"the engine has stopped ({self.llm.error!r}); the server is shutting down",
+                           code="engine_dead")
         if self.serving is None:
             msg = ("the model failed to load" if self.load_error is not None
                    else f"the model {self.model_name} is still loading; retry shortly")
@@ -58,26 +72,35 @@ class ServerState:
 
     def load(self) -> None:
         """Runs on the loader thread."""
-        from ..cli import engine_config
-        from ..engine.async_engine import AsyncLLM
-        from .serving import OpenAIServing
-
         try:
+            from ..cli import engine_config
+            from ..engine.async_engine import AsyncLLM
+            from .serving import OpenAIServing
+
             cfg = engine_config(self.args)
             t0 = time.perf_counter()
-            llm = AsyncLLM.from_config(cfg, progress=True, max_waiting=self.args.max_waiting)
+            llm = AsyncLLM.from_config(cfg, progress=True, max_waiting=self.args.max_waiting,
+                                       on_fatal=self._engine_died)
             lm = llm.engine.loaded
             print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
                   f"{', ' + cfg.quantization if cfg.quantization else ''}, {lm.device}) in "
                   f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}. Serving it as "
                   f"'{self.model_name}'.", file=sys.stderr, flush=True)
-            self.serving = OpenAIServing(llm, self.model_name, self.metrics)
+            self.serving = OpenAIServing(llm, self.model_name, self.metrics, self.limits)
             self.llm = llm
         except BaseException as e:  # noqa: BLE001 - reported by serve_main after the server stops
             self.load_error = e
             log.error("loading %s failed: %s", self.args.model, e)
             if self.server is not None:
                 self.server.should_exit = True
+
+
+    def _engine_died(self, e: BaseException) -> None:
+        """Engine thread: it cannot continue. Drain and exit non-zero (serve_main)."""
+        self.engine_error = e
+        log.error("the engine stopped: %r; shutting down so a supervisor can restart the server", e)
+        if self.server is not None:
+            self.server.should_exit = True
 
 
 class Guard:
@@ -138,19 +161,74 @@ async def _reply(err: APIError, scope: Scope, receive: Receive, send: Send) -> N
     await JSONResponse(err.body(), err.status, headers=err.headers)(scope, receive, send)
 
 
-async def parse_body(raw: Request, model: type[M]) -> M:
-    """JSON body → request model; every failure is an OpenAI-shaped 400."""
-    body = await raw.body()
+def _decode(body: bytes, model: type[M]) -> M:
+    """Bytes → request model (on a worker thread). Every failure is an OpenAI-shaped 400."""
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if b"\\ud" in body.lower():  # a \uD800-\uDFFF escape: only valid as half of a pair
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without "
+                                "its pair), which is not Unicode text") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
     try:
         return model.model_validate(obj)
     except ValidationError as e:
         raise validation_error(e) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+
+
+async def parse_body(raw: Request, model: type[M]) -> M:
+    """JSON body → request model, parsed off the event loop."""
+    body = await raw.body()
+    if len(body) < 4096:  # small bodies: a thread hop costs more than parsing
+        return _decode(body, model)
+    return await asyncio.to_thread(_decode, body, model)
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra for a route that parses ``model`` itself (see parse_body)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+_ERRORS = {code: {"model": ErrorResponse, "description": what} for code, what in (
+    (400, "Invalid request (OpenAI-shaped error)"), (401, "Missing or wrong API key"),
+    (404, "Unknown model"), (413, "Request body too large"), (503, "Loading, busy or stopping"))}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request models the routes parse themselves."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title="qwenrun", version=_version(), routes=app.routes,
+                             description="OpenAI-compatible API of qwenrun")
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest):
+            js = m.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(js.pop("$defs", {}))
+            comps[m.__name__] = js
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("qwenrun")
+    except Exception:  # noqa: BLE001
+        return "0"
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -161,7 +239,8 @@ def build_app(state: ServerState) -> FastAPI:
         if state.llm is not None:  # after uvicorn's grace period: stop the engine thread
             await asyncio.to_thread(state.llm.shutdown)
 
-    app = FastAPI(title="qwenrun", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="qwenrun", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(Guard, state=state)
 
     @app.exception_handler(APIError)
@@ -192,8 +271,9 @@ def build_app(state: ServerState) -> FastAPI:
     async def _gone(_: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
-    @app.get("/health")
+    @app.get("/health", responses={503: _ERRORS[503]})
     async def health() -> Response:
+        """200 when requests are served; 503 while loading, and once the engine has died."""
         state.ready()
         return JSONResponse({"status": "ok"})
 
@@ -209,25 +289,27 @@ def build_app(state: ServerState) -> FastAPI:
             card["max_model_len"] = state.llm.engine.max_model_len
         return JSONResponse({"object": "list", "data": [card]})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc(ChatCompletionRequest), responses=_ERRORS)
     async def chat(raw: Request) -> Response:
         serving = state.ready()
         return await serving.chat(await parse_body(raw, ChatCompletionRequest), raw)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_doc(CompletionRequest), responses=_ERRORS)
     async def completions(raw: Request) -> Response:
         serving = state.ready()
         return await serving.completions(await parse_body(raw, CompletionRequest), raw)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=_body_doc(TokenizeRequest), responses=_ERRORS)
     async def tokenize(raw: Request) -> Response:
         serving = state.ready()
-        return JSONResponse(serving.tokenize(await parse_body(raw, TokenizeRequest)))
+        req = await parse_body(raw, TokenizeRequest)
+        return JSONResponse(await asyncio.to_thread(serving.tokenize, req))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=_body_doc(DetokenizeRequest), responses=_ERRORS)
     async def detokenize(raw: Request) -> Response:
         serving = state.ready()
-        return JSONResponse(serving.detokenize(await parse_body(raw, DetokenizeRequest)))
+        req = await parse_body(raw, DetokenizeRequest)
+        return JSONResponse(await asyncio.to_thread(serving.detokenize, req))
 
     return app
 
@@ -251,4 +333,7 @@ def serve_main(args: argparse.Namespace) -> int:
     server.run()
     if state.load_error is not None:
         raise state.load_error  # the CLI prints a ValueError as one line and exits 2
+    if state.engine_error is not None:
+        print(f"qwenrun: the engine stopped ({state.engine_error!r}); exiting with status 1", file=sys.stderr)
+        return 1
     return 0

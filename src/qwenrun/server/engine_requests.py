@@ -15,7 +15,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from ..engine.async_engine import AsyncLLM, EngineDeadError, QueueFullError
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, RequestFailedError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
@@ -34,6 +34,8 @@ def engine_error(e: BaseException) -> APIError:
         return APIError(503, f"the server is busy: {e}", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), code="engine_dead")
+    if isinstance(e, RequestFailedError):  # a server-side failure of this request alone
+        return APIError(500, f"the request failed: {e}", code="request_failed")
     if isinstance(e, ContextLengthError):  # OpenAI's code for this case, and the field to change
         return APIError(400, str(e), param="max_tokens" if "max_tokens" in str(e) else "prompt",
                         code="context_length_exceeded")
@@ -44,16 +46,22 @@ def engine_error(e: BaseException) -> APIError:
 
 class EngineRequests:
     """The engine requests behind one HTTP request (one per prompt), merged into one stream of
-    ``(prompt_index, cumulative RequestOutput)`` and observed for /metrics on the way."""
+    ``(prompt_index, delta RequestOutput)`` and observed for /metrics and usage on the way.
+    Nothing here keeps a request's history: ``collect`` accumulates it only for non-streamed
+    answers, which need all of it."""
 
     def __init__(self, llm: AsyncLLM, metrics: ServerMetrics, base_id: str, prompts: list[list[int]],
                  params: SamplingParams) -> None:
         self.llm, self.metrics = llm, metrics
         self.rids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        self.num_prompt_tokens = sum(len(p) for p in prompts)
         self.gens = [llm.generate(None, params, rid, prompt_token_ids=ids) for rid, ids in zip(self.rids, prompts)]
-        self.last: list[RequestOutput | None] = [None] * len(prompts)
+        self.first: list[RequestOutput | None] = [None] * len(prompts)
+        self.completion_tokens = 0
+        self.cached_tokens = [0] * len(prompts)
         self._t_last = [0.0] * len(prompts)
         self._done = [False] * len(prompts)
+        self._sample_tokens: list[dict[int, int]] = [{} for _ in prompts]  # per prompt: sample index -> tokens
 
     async def start(self) -> None:
         """Submit every prompt at once (so they batch) and wait for each first output."""
@@ -63,24 +71,36 @@ class EngineRequests:
             self.abort()
             raise engine_error(errors[0])
         for k, out in enumerate(results):
+            self.first[k] = out  # type: ignore[assignment]
             self._observe(k, out)  # type: ignore[arg-type]
 
     def _observe(self, k: int, out: RequestOutput) -> None:
         now = time.perf_counter()
-        prev = self.last[k]
-        if prev is not None:
-            before = {c.index: len(c.token_ids) for c in prev.outputs}
+        new = sum(len(c.token_ids) for c in out.outputs)
+        if self._t_last[k]:
             for c in out.outputs:
-                self.metrics.observe_itl(now - self._t_last[k], len(c.token_ids) - before.get(c.index, 0))
-        self.last[k], self._t_last[k] = out, now
+                self.metrics.observe_itl(now - self._t_last[k], len(c.token_ids))
+        self._t_last[k] = now
+        self.completion_tokens += new
+        self.cached_tokens[k] = out.num_cached_tokens
+        counts = self._sample_tokens[k]
+        for c in out.outputs:
+            counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
         if out.finished and not self._done[k]:
             self._done[k] = True
-            self.metrics.observe_finished(out, out.outputs[0].finish_reason or "abort")
+            reason = next((c.finish_reason for c in out.outputs if c.finish_reason), None) or "abort"
+            self.metrics.observe_finished(out, reason, max(counts.values(), default=0))
+
+    def usage(self) -> dict:
+        p, c = self.num_prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens)}}
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """The primed first outputs, then every later one as it arrives."""
-        for k, out in enumerate(self.last):
+        """The primed first outputs, then every later delta as it arrives."""
+        for k, out in enumerate(self.first):
             yield k, out  # type: ignore[misc]
+        self.first = [None] * len(self.first)  # handed out: not kept
         if len(self.gens) == 1:  # the common case: no tasks, no queue
             if not self._done[0]:
                 async for out in self.gens[0]:
@@ -113,6 +133,16 @@ class EngineRequests:
         finally:
             for t in tasks:
                 t.cancel()
+
+    async def collect(self) -> list[RequestOutput]:
+        """Every prompt's whole output (deltas accumulated), for a non-streamed answer."""
+        acc: list[RequestOutput | None] = [None] * len(self.rids)
+        async for k, out in self.outputs():
+            if acc[k] is None:
+                acc[k] = out
+            else:
+                acc[k].add(out)  # type: ignore[union-attr]
+        return acc  # type: ignore[return-value]
 
     def abort(self) -> None:
         """Abort what has not finished. Synchronous on purpose: it runs in ``finally`` blocks of

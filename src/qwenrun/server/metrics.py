@@ -99,8 +99,9 @@ class ServerMetrics:
             for _ in range(num_tokens):
                 h.observe(per)
 
-    def observe_finished(self, out: RequestOutput, reason: str) -> None:
-        """Latency histograms and the success counter, once per engine request."""
+    def observe_finished(self, out: RequestOutput, reason: str, num_tokens: int) -> None:
+        """Latency histograms and the success counter, once per engine request (``num_tokens``:
+        the longest sample's generated tokens)."""
         name = self.model_name
         self.request_success.labels(name, reason).inc()
         m = out.metrics
@@ -108,7 +109,7 @@ class ServerMetrics:
             return
         if m.first_token_time is not None:
             self.ttft.labels(name).observe(max(0.0, m.first_token_time - m.arrival_time))
-            n = max(len(c.token_ids) for c in out.outputs)
+            n = num_tokens
             if n > 1 and m.last_token_time is not None:
                 self.tpot.labels(name).observe((m.last_token_time - m.first_token_time) / (n - 1))
         if m.first_scheduled_time is not None:

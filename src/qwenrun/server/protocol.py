@@ -60,6 +60,19 @@ def validation_error(e: ValidationError) -> APIError:
     return APIError(400, msg, param=head)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error body (for the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
 class _Request(BaseModel):
     # strict: no silent coercion of "1" → 1; extra="ignore": OpenAI ignores unknown fields.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -116,6 +129,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None  # rendered by the template; calls parsed from the answer
     tool_choice: str | dict[str, Any] | None = None  # "auto" (default with tools) or "none"
     parallel_tool_calls: bool | None = None  # accepted; the model may emit several calls either way
+    response_format: dict[str, Any] | None = None  # "text" only until structured output exists
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 

@@ -3,10 +3,15 @@
 One HTTP request becomes one engine request per prompt (completions may batch prompts; each
 engine request carries all ``n`` samples; see engine_requests.py for priming and disconnects).
 Requests are never serialized here: every handler only awaits its own streams, and the engine
-batches whatever is in flight."""
+batches whatever is in flight. Templating and tokenization run on a worker thread, so a
+multi-megabyte prompt never stalls the event loop (health probes, other streams). Engine outputs
+arrive as deltas and are sent on as they come: nothing here holds a stream's history, except the
+text of an answer that may hold tool calls (parsed at its end) and non-streamed answers."""
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,14 +22,21 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..chat_template import render_chat
 from ..engine.async_engine import AsyncLLM, EngineDeadError
+from ..errors import RequestFailedError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from . import tool_calls
-from .engine_requests import EngineRequests, unless_disconnected
+from .engine_requests import EngineRequests, engine_error, unless_disconnected
+from .limits import RequestLimits
 from .logprobs import LogprobFormatter
 from .metrics import ServerMetrics
 from .protocol import (SAMPLING_FIELDS, APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest, bad_request)
+
+
+log = logging.getLogger("qwenrun.server")
+# OpenAI's default for the legacy completions endpoint (vLLM's too); chat runs to the end.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -32,8 +44,10 @@ def _sse(obj: dict[str, Any]) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, llm: AsyncLLM, model_name: str, metrics: ServerMetrics,
+                 limits: RequestLimits | None = None) -> None:
         self.llm, self.engine = llm, llm.engine
+        self.limits = limits or RequestLimits()
         self.tok = llm.engine.tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -84,30 +98,26 @@ class OpenAIServing:
         return run
 
     async def _collect(self, raw: Request, run: EngineRequests) -> list[RequestOutput]:
-        async def drain() -> list[RequestOutput]:
-            async for _ in run.outputs():
-                pass
-            return list(run.last)  # type: ignore[arg-type]
-
         try:
-            return await unless_disconnected(raw, drain())
+            return await unless_disconnected(raw, run.collect())
+        except (EngineDeadError, RequestFailedError) as e:
+            raise engine_error(e) from None
         finally:
             run.abort()
-
-    def _usage(self, prompts: list[list[int]], outs: list[RequestOutput]) -> dict[str, Any]:
-        p = sum(len(ids) for ids in prompts)
-        c = sum(len(o.token_ids) for out in outs for o in out.outputs)
-        cached = sum(out.num_cached_tokens for out in outs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _stream(self, run: EngineRequests, body: Callable[[], AsyncIterator[str]]) -> StreamingResponse:
         async def gen() -> AsyncIterator[str]:
             try:
                 async for event in body():
                     yield event
-            except (APIError, EngineDeadError, ValueError) as e:  # after the 200: report in-band
-                err = e if isinstance(e, APIError) else APIError(500, str(e), code="engine_error")
+            except Exception as e:  # noqa: BLE001 - after the 200: report in-band, this stream alone
+                if isinstance(e, APIError):
+                    err = e
+                elif isinstance(e, (EngineDeadError, RequestFailedError, ValueError)):
+                    err = engine_error(e)
+                else:
+                    log.exception("streaming a response failed")
+                    err = APIError(500, f"internal error while streaming: {e!r}", code="internal_error")
                 yield _sse(err.body())
                 yield "data: [DONE]\n\n"
             finally:
@@ -118,21 +128,32 @@ class OpenAIServing:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- /v1/chat/completions -----------------------------------------------------------------
+    def _prepare_chat(self, req: ChatCompletionRequest, use_tools: bool) -> list[int]:
+        """Template + tokenize (on a worker thread)."""
+        prompt = self._render(tool_calls.messages_for_template(req.message_dicts()),
+                              continue_final_message=req.continue_final_message,
+                              add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                              tools=req.tools if use_tools else None)
+        return self._need_tokenizer().encode(prompt)
+
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
-        tok = self._need_tokenizer()
+        self._need_tokenizer()
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        self.limits.check(n=req.n, logit_bias=req.logit_bias, stop=req.stop,
+                          logprobs=req.top_logprobs, logprobs_param="top_logprobs")
+        check_response_format(req.response_format)
+        try:
+            tool_calls.validate_tools(req.tools)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools") from None
         if req.tool_choice not in (None, "auto", "none"):
             raise APIError(400, "tool_choice supports 'auto' and 'none' (forcing a call needs constrained "
                                 "decoding, which qwenrun does not do)", param="tool_choice")
         use_tools = bool(req.tools) and req.tool_choice != "none"
         names = tool_calls.tool_names(req.tools)
-        prompt = self._render(tool_calls.messages_for_template(req.message_dicts()),
-                              continue_final_message=req.continue_final_message,
-                              add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                              tools=req.tools if use_tools else None)
-        ids = tok.encode(prompt)
+        ids = await asyncio.to_thread(self._prepare_chat, req, use_tools)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._params(req, max_tokens, top)
@@ -151,8 +172,7 @@ class OpenAIServing:
                                 "logprobs": ({"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
                                              if top is not None else None),
                                 "finish_reason": tool_calls.finish_reason(calls, c.finish_reason)})
-            return JSONResponse({**head, "choices": choices, "usage": self._usage([ids], [out]),
-                                 "system_fingerprint": None})
+            return JSONResponse({**head, "choices": choices, "usage": run.usage(), "system_fingerprint": None})
         head["object"] = "chat.completion.chunk"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -162,56 +182,66 @@ class OpenAIServing:
 
         async def events() -> AsyncIterator[str]:
             n = params.n
-            sent_text, sent_tok, done = [0] * n, [0] * n, [False] * n
+            done = [False] * n
             filters = [tool_calls.StreamFilter(names) for _ in range(n)] if use_tools else None
+            texts = [""] * n  # only kept for answers that may hold tool calls (parsed at the end)
             for i in range(n):
                 yield chunk(i, {"role": "assistant", "content": ""})
-            out = None
-            async for _, out in run.outputs():
+            async for _, out in run.outputs():  # deltas
                 for c in out.outputs:
                     i = c.index
                     if done[i]:
                         continue
-                    delta = filters[i].delta(c.text) if filters else c.text[sent_text[i]:]
+                    if filters:
+                        texts[i] += c.text
+                        delta = filters[i].delta(texts[i])
+                    else:
+                        delta = c.text
                     lp = None
-                    if top is not None and len(c.token_ids) > sent_tok[i]:
-                        lp = {"content": self.lp.chat(c.token_ids[sent_tok[i]:], (c.logprobs or [])[sent_tok[i]:], top)}
+                    if top is not None and c.token_ids:
+                        lp = {"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
                     if delta or lp:
                         yield chunk(i, {"content": delta}, logprobs=lp)
-                    sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
                     if c.finish_reason is not None:
                         done[i] = True
                         finish = c.finish_reason
                         if filters:
-                            rest, calls = filters[i].finish(c.text)
+                            rest, calls = filters[i].finish(texts[i])
                             if rest:
                                 yield chunk(i, {"content": rest})
                             if calls:
                                 yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
                             finish = tool_calls.finish_reason(calls, finish)
                         yield chunk(i, {}, finish=finish)
-            if include_usage and out is not None:
-                yield _sse({**head, "choices": [], "usage": self._usage([ids], [out])})
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": run.usage()})
             yield "data: [DONE]\n\n"
 
         return self._stream(run, events)
 
     # -- /v1/completions ----------------------------------------------------------------------
+    def _prepare_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        """Tokenize the prompt(s) (on a worker thread)."""
+        prompts: list[list[int]] = []
+        for p in req.prompts():
+            prompts.append(self._need_tokenizer().encode(p) if isinstance(p, str) else p)
+        if any(not p for p in prompts):
+            raise APIError(400, "prompt must not be empty: give at least one token", param="prompt")
+        return prompts
+
     async def completions(self, req: CompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        prompts: list[list[int]] = []
-        for p in req.prompts():
-            if isinstance(p, str):
-                prompts.append(self._need_tokenizer().encode(p))
-            else:
-                prompts.append(p)
-        if any(not p for p in prompts):
-            raise APIError(400, "prompt must not be empty: give at least one token", param="prompt")
-        # echo + logprobs: the prompt's logprobs are part of the answer (first token: None).
-        params = self._params(req, req.max_tokens, req.logprobs,
-                              req.logprobs if req.echo and req.logprobs is not None else None)
+        self.limits.check(n=req.n, logit_bias=req.logit_bias, stop=req.stop, logprobs=req.logprobs)
+        prompts = await asyncio.to_thread(self._prepare_prompts, req)
+        echo_lp = req.echo and req.logprobs is not None
+        if echo_lp:
+            self.limits.check_echo_logprobs(req.n, sum(len(p) for p in prompts))
+        # echo + logprobs: the prompt's logprobs are part of the answer (first token: None); the
+        # engine computes them once per prompt, however many samples share it.
+        max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+        params = self._params(req, max_tokens, req.logprobs, req.logprobs if echo_lp else None)
         run = await self._start(raw, "cmpl", prompts, params)
         rid, created = run.rids[0].rsplit("-", 1)[0], int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
@@ -228,37 +258,35 @@ class OpenAIServing:
                                                 out.prompt_token_ids if req.echo else None, out.prompt_logprobs)
                     choices.append({"index": k * n + c.index, "text": echo_text[k] + c.text, "logprobs": lp,
                                     "finish_reason": c.finish_reason})
-            return JSONResponse({**head, "choices": choices, "usage": self._usage(prompts, outs),
-                                 "system_fingerprint": None})
+            return JSONResponse({**head, "choices": choices, "usage": run.usage(), "system_fingerprint": None})
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
             total = len(prompts) * n
-            sent_text, sent_tok, offset = [0] * total, [0] * total, [0] * total
-            done, started = [False] * total, [False] * total
-            async for k, out in run.outputs():
+            offset, done, started = [0] * total, [False] * total, [False] * total
+            prompt_lps: list[Any] = [None] * len(prompts)  # arrive with each prompt's first delta
+            async for k, out in run.outputs():  # deltas
+                if out.prompt_logprobs is not None:
+                    prompt_lps[k] = out.prompt_logprobs
                 for c in out.outputs:
                     i = k * n + c.index
                     if done[i]:
                         continue
-                    text, lp = c.text[sent_text[i]:], None
-                    echo_ids = None
+                    text, lp, echo_ids = c.text, None, None
                     if not started[i]:
                         started[i] = True
                         text = echo_text[k] + text
-                        echo_ids = out.prompt_token_ids if req.echo else None
+                        echo_ids = prompts[k] if req.echo else None
                     if want_lp:
-                        lp = self.lp.completion(c.token_ids[sent_tok[i]:], (c.logprobs or [])[sent_tok[i]:],
-                                                echo_ids, out.prompt_logprobs, offset[i])
+                        lp = self.lp.completion(c.token_ids, c.logprobs or [], echo_ids, prompt_lps[k], offset[i])
                         offset[i] += sum(len(t) for t in lp["tokens"])
-                    sent_text[i], sent_tok[i] = len(c.text), len(c.token_ids)
                     finish = c.finish_reason
                     done[i] = finish is not None
                     if text or finish or (lp and lp["tokens"]):
                         yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp,
                                                          "finish_reason": finish}]})
             if include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage(prompts, [o for o in run.last if o])})
+                yield _sse({**head, "choices": [], "usage": run.usage()})
             yield "data: [DONE]\n\n"
 
         return self._stream(run, events)
@@ -268,6 +296,7 @@ class OpenAIServing:
 
     # -- /tokenize, /detokenize (vLLM shapes) --------------------------------------------------
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """Runs on a worker thread (the route's)."""
         self.check_model(req.model)
         tok = self._need_tokenizer()
         if (req.prompt is None) == (req.messages is None):
@@ -286,3 +315,18 @@ class OpenAIServing:
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {len(tok)})", param="tokens")
         return {"prompt": tok.decode(req.tokens)}
+
+
+def check_response_format(rf: dict[str, Any] | None) -> None:
+    """``text`` is what every answer is; a JSON-constrained answer needs structured output, which
+    this server does not do yet: say so (a 400), never answer unconstrained as if it did."""
+    if rf is None:
+        return
+    kind = rf.get("type")
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise APIError(400, f"response_format type {kind!r} is not supported by this server yet (structured "
+                            "output); use 'text'", param="response_format", code="unsupported_response_format")
+    raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
+                   param="response_format")

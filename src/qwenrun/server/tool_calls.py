@@ -38,6 +38,28 @@ def finish_reason(calls: list[dict[str, Any]], reason: str | None) -> str | None
     return "tool_calls" if calls and reason == "stop" else reason
 
 
+def validate_tools(tools: Any) -> None:
+    """OpenAI's tool shape: ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``.
+    A malformed entry is the client's mistake (ValueError → 400), never silently dropped."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise ValueError("tools must be a list of {'type': 'function', 'function': {...}}")
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            raise ValueError(f"{where} must be {{'type': 'function', 'function': {{...}}}} (only function tools exist)")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise ValueError(f"{where}.function is missing: give {{'name': ..., 'parameters': {{...}}}}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"{where}.function.name must be a non-empty string")
+        if "description" in fn and fn["description"] is not None and not isinstance(fn["description"], str):
+            raise ValueError(f"{where}.function.description must be a string")
+        if "parameters" in fn and fn["parameters"] is not None and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"{where}.function.parameters must be a JSON Schema object")
+
+
 def tool_names(tools: list[dict[str, Any]] | None) -> set[str]:
     """Names of the declared functions (OpenAI ``{"type": "function", "function": {"name": ...}}``)."""
     out = set()
