@@ -37,13 +37,16 @@ def free_port() -> int:
 class ServerProcess:
     """``qwenrun serve ARGS`` in a subprocess; output goes to a file (a pipe could fill and block)."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, launcher: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "QWENRUN_THREADS": "2"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "qwenrun.cli", "serve", *args, "--port", str(self.port)],
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "QWENRUN_THREADS": "2", **(env or {})}
+        # launcher: what runs `serve ARGS` (a test may wrap the CLI to inject faults)
+        launcher = launcher or ["-m", "qwenrun.cli", "serve"]
+        self.proc = subprocess.Popen([sys.executable, *launcher, *args, "--port", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.health_seen: list[int] = []  # status codes of /health until ready
 

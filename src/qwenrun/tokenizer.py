@@ -50,6 +50,9 @@ def _qwen2_pipeline(model: models.Model) -> HFTokenizer:
     return tk
 
 
+_GIL_FREE_CHARS = 16384  # texts longer than this are encoded with the GIL released
+
+
 class Tokenizer:
     """``encode(text) -> list[int]`` and ``decode(ids) -> str`` with Qwen2Tokenizer behaviour."""
 
@@ -143,6 +146,11 @@ class Tokenizer:
         """Token ids of ``text``; special-token strings map to their ids; no BOS/EOS is added."""
         if not isinstance(text, str):
             raise ValueError(f"encode() takes a str, got {type(text).__name__}")
+        if len(text) > _GIL_FREE_CHARS:
+            # tokenizers' encode() holds the GIL for the whole text (seconds for megabytes, which
+            # would stall a server's event loop even from a worker thread); encode_batch releases
+            # it while it works. Same ids.
+            return self._tk.encode_batch([text], add_special_tokens=False)[0].ids
         return self._tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -49,6 +49,9 @@ class _EngineCollector(Collector):
         eng = llm.engine
         # Plain reads of ints/lists owned by the engine thread: a scrape may be one step stale,
         # never inconsistent enough to matter for a gauge.
+        yield gauge("engine_healthy", "1 while the engine thread runs; 0 once it has stopped.", int(llm.healthy))
+        yield counter("requests_failed", "Requests failed inside the engine (a failed step or post-processing).",
+                      eng.stats["failed"])
         yield gauge("num_requests_running", "Sequences in the running batch.", eng.num_running)
         yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", eng.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).", eng.kv_usage)

@@ -71,7 +71,7 @@ class OpenAIServing:
             return render_chat(tok.chat_template, messages, special_tokens={
                 "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}, **kw)
         except ValueError as e:
-            raise bad_request(str(e), {"messages"}) from None
+            raise APIError(400, str(e), param="messages") from None
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
                 logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
