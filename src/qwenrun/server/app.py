@@ -189,7 +189,14 @@ def _decode(body: bytes, model: type[M]) -> M:
 
 async def parse_body(raw: Request, model: type[M]) -> M:
     """JSON body → request model, parsed off the event loop."""
-    body = await raw.body()
+    from starlette.requests import ClientDisconnect
+
+    from .engine_requests import ClientGone
+
+    try:
+        body = await raw.body()
+    except ClientDisconnect:  # gone while sending its body: nothing to answer, nothing to log
+        raise ClientGone() from None
     if len(body) < 4096:  # small bodies: a thread hop costs more than parsing
         return _decode(body, model)
     return await asyncio.to_thread(_decode, body, model)
