@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import ServerMetrics
+from .tokenizer_info import add_tokenizer_info_route
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body, validation_error)
 
@@ -229,6 +230,7 @@ def build_app(state: ServerState) -> FastAPI:
         serving = state.ready()
         return JSONResponse(serving.detokenize(await parse_body(raw, DetokenizeRequest)))
 
+    add_tokenizer_info_route(app, state)
     return app
 
 
