@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", 8 << 20)))
     s.add_argument("--shutdown-grace", type=float, default=float(_env("shutdown_grace", 10)),
                    help="seconds in-flight requests may finish after SIGTERM")
+    s.add_argument("--no-web-ui", action="store_true",
+                   default=_env("no_web_ui", "0").lower() in ("1", "true", "yes"), help="do not serve the chat page at /")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks: latency | throughput | serve")

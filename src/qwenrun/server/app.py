@@ -28,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import ServerMetrics
-from .tokenizer_info import add_tokenizer_info_route
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        error_body, validation_error)
+from .tokenizer_info import add_tokenizer_info_route
+from .web import add_web_ui
 
 log = logging.getLogger("qwenrun.server")
 M = TypeVar("M", bound=BaseModel)
@@ -231,6 +232,8 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse(serving.detokenize(await parse_body(raw, DetokenizeRequest)))
 
     add_tokenizer_info_route(app, state)
+    if not state.args.no_web_ui:
+        add_web_ui(app)
     return app
 
 
