@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.qwenrun-setup
+CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
 .PHONY: setup demo serve-demo test bench clean
@@ -28,7 +29,15 @@ demo: setup
 serve-demo: setup
 	$(BIN)/qwenrun serve demo
 
-test: setup
+# The browser tests (tests/test_web_ui.py) drive Debian's Chromium through Playwright: Playwright's
+# own browser download needs the open internet. Only `make test` needs it, so `make demo` does not.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium fonts-dejavu-core; \
+	else echo "make: the browser tests need Debian's Chromium: sudo apt-get install chromium" >&2; exit 1; fi
+
+test: setup $(CHROMIUM)
 	$(BIN)/python -m pytest -q -ra --junitxml=.pytest-results.xml $(PYTEST_ARGS)
 
 bench: setup

@@ -170,6 +170,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
+    def added_tokens(self) -> dict[int, str]:
+        """id → content of the tokens matched verbatim before BPE (<|im_end|> and the like)."""
+        return {i: t.content for i, t in self._tk.get_added_tokens_decoder().items()}
+
     def detokenizer(self, skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, skip_special_tokens)
 

@@ -36,6 +36,8 @@ from .limits import RequestLimits
 from .metrics import ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
                        TokenizeRequest, error_body, validation_error)
+from .tokenizer_info import add_tokenizer_info_route
+from .web import add_web_ui
 
 log = logging.getLogger("qwenrun.server")
 M = TypeVar("M", bound=BaseModel)
@@ -318,6 +320,9 @@ def build_app(state: ServerState) -> FastAPI:
         req = await parse_body(raw, DetokenizeRequest)
         return JSONResponse(await asyncio.to_thread(serving.detokenize, req))
 
+    add_tokenizer_info_route(app, state)
+    if not state.args.no_web_ui:
+        add_web_ui(app)
     return app
 
 
