@@ -55,12 +55,13 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_running", "Sequences in the running batch.", eng.num_running)
         yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", eng.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).", eng.kv_usage)
+        bm = eng.block_manager
+        yield gauge("kv_cache_used_blocks", "KV cache blocks held by live sequences.", bm.num_blocks - bm.num_free_blocks)
         yield gauge("max_num_running_seen", "Most sequences running at once since start (batching).",
                     llm.max_running_seen)
         yield gauge("max_batch_seqs_seen", "Most sequences in one model forward since start.",
                     eng.runner.max_batch_seqs)
         yield counter("engine_steps", "Engine steps (one model forward each).", llm.step_count)
-        bm = eng.block_manager
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", bm.prefix_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", bm.prefix_hits)
         yield counter("prompt_tokens", "Prompt tokens admitted.", eng.stats["prompt_tokens"])
