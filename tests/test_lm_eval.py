@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import ServerProcess
+from test_server import serving
 
 from qwenrun import SamplingParams
 
@@ -60,13 +60,9 @@ json.dump({"acc": r["results"]["qwenrun_capitals"]["acc,none"], "samples": sampl
 @pytest.fixture(scope="module")
 def demo_fp32(tmp_path_factory):
     """Dense float32, as the Python API's demo_llm: the same numbers on both sides."""
-    srv = ServerProcess(["demo", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
-                        tmp_path_factory.mktemp("log") / "demo_lm_eval.log")
-    try:
-        srv.wait_ready(300)
+    with serving(["demo", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
+                 tmp_path_factory.mktemp("log") / "demo_lm_eval.log", 300) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_tokenizer_info_matches_the_served_tokenizer(demo_fp32, demo_llm):

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -86,6 +88,18 @@ class ServerProcess:
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return out
 
+    def wait_idle(self, timeout: float = 60.0) -> dict[str, float]:
+        """Metrics once no sequence runs or waits and no KV block is in use (AssertionError if never)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if (m["qwenrun:num_requests_running"] == 0 and m.get("qwenrun:num_requests_waiting", 0) == 0
+                    and m["qwenrun:kv_cache_usage_perc"] == 0):
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not idle after {timeout}s: {m}")
+            time.sleep(0.1)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -96,6 +110,17 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def serving(args: list[str], log_path: Path, timeout: float = 300, **kw) -> Iterator[ServerProcess]:
+    """A ready server for the duration of a ``with`` (module fixtures: ``with serving(...) as s: yield s``)."""
+    srv = ServerProcess(args, log_path, **kw)
+    try:
+        srv.wait_ready(timeout)
+        yield srv
+    finally:
+        srv.stop()
 
 
 def sse_events(resp: httpx.Response) -> list[dict | str]:
@@ -121,12 +146,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt, tmp_path_factory):
-    srv = ServerProcess(tiny_server_args(tiny_ckpt), tmp_path_factory.mktemp("log") / "tiny.log")
-    try:
-        srv.wait_ready(120)
+    with serving(tiny_server_args(tiny_ckpt), tmp_path_factory.mktemp("log") / "tiny.log", 120) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -434,13 +455,7 @@ def test_disconnect_aborts_and_frees_kv(tiny):
             cm.__exit__(None, None, None)
         for cl in clients:
             cl.close()  # the connections drop: the server must abort all 10
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m = tiny.metrics()
-        if m["qwenrun:kv_cache_usage_perc"] == 0 and m["qwenrun:num_requests_running"] == 0:
-            break
-        time.sleep(0.1)
-    assert m["qwenrun:kv_cache_usage_perc"] == 0 and m["qwenrun:num_requests_running"] == 0
+    m = tiny.wait_idle(20)
     key = "qwenrun:request_success_total{finished_reason=abort}"
     assert m[key] - before.get(key, 0) == 11
     generated = m["qwenrun:generation_tokens_total"] - before["qwenrun:generation_tokens_total"]

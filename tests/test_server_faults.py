@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server import ServerProcess, tiny_ckpt, tiny_server_args  # noqa: F401 - tiny_ckpt is a fixture
+from test_server import ServerProcess, serving, tiny_ckpt, tiny_server_args  # noqa: F401 - tiny_ckpt is a fixture
 
 
 def _rss_bytes(pid: int) -> int:
@@ -30,16 +30,7 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _wait_idle(srv: ServerProcess, timeout: float = 60.0) -> dict[str, float]:
-    """Until no sequence runs or waits and no KV block is in use."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = srv.metrics()
-        if (m["qwenrun:num_requests_running"] == 0 and m["qwenrun:num_requests_waiting"] == 0
-                and m["qwenrun:kv_cache_usage_perc"] == 0):
-            return m
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server not idle: {m}")
-        time.sleep(0.1)
+    return srv.wait_idle(timeout)
 
 
 def _assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -53,13 +44,9 @@ def _assert_openai_error(r: httpx.Response, status: int, param: str | None = Non
 
 @pytest.fixture(scope="module")
 def plain(tiny_ckpt, tmp_path_factory):  # noqa: F811 - default limits (8 MiB bodies), no API key
-    srv = ServerProcess(tiny_server_args(tiny_ckpt) + ["--max-model-len", "4096", "--kv-cache-memory", "0.5"],
-                        tmp_path_factory.mktemp("log") / "plain.log")
-    try:
-        srv.wait_ready(120)
+    with serving(tiny_server_args(tiny_ckpt) + ["--max-model-len", "4096", "--kv-cache-memory", "0.5"],
+                 tmp_path_factory.mktemp("log") / "plain.log", 120) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _post(srv: ServerProcess, path: str, body=None, *, raw: bytes | None = None, timeout: float = 60) -> httpx.Response:
@@ -325,13 +312,9 @@ def test_engine_that_cannot_continue_turns_health_503_and_exits_nonzero(tiny_ckp
 # -- a disconnect storm on the demo model (the issue's crash) ------------------------------------
 @pytest.fixture(scope="module")
 def demo_srv(tmp_path_factory):
-    srv = ServerProcess(["demo", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
-                        tmp_path_factory.mktemp("log") / "demo_storm.log")
-    try:
-        srv.wait_ready(300)
+    with serving(["demo", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
+                 tmp_path_factory.mktemp("log") / "demo_storm.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.slow

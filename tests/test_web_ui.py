@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from test_server import REPO, ServerProcess, tiny_ckpt  # noqa: F401 - tiny_ckpt is a fixture
+from test_server import REPO, ServerProcess, serving, tiny_ckpt  # noqa: F401 - tiny_ckpt is a fixture
 
 from qwenrun.cli import build_parser
 from qwenrun.server.app import ServerState, build_app
@@ -194,24 +194,17 @@ def wait_for_ready(page) -> None:
 @pytest.fixture(scope="module")
 def demo_ui(tmp_path_factory):
     # int8 weights, as `make demo` chats: 3x the dense decode speed on CPU.
-    srv = ServerProcess(["demo", "--quantization", "int8", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
-                        tmp_path_factory.mktemp("log") / "demo_ui.log")
-    try:
-        srv.wait_ready(300)
+    with serving(["demo", "--quantization", "int8", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
+                 tmp_path_factory.mktemp("log") / "demo_ui.log", 300) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
 def guarded_ui(tiny_ckpt, tmp_path_factory):  # noqa: F811
-    srv = ServerProcess([str(tiny_ckpt), "--served-model-name", "tiny", "--max-model-len", "1024",
-                         "--kv-cache-memory", "0.25", "--api-key", KEY], tmp_path_factory.mktemp("log") / "guarded_ui.log")
-    try:
-        srv.wait_ready(120)
+    with serving([str(tiny_ckpt), "--served-model-name", "tiny", "--max-model-len", "1024",
+                  "--kv-cache-memory", "0.25", "--api-key", KEY],
+                 tmp_path_factory.mktemp("log") / "guarded_ui.log", 120) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_chat_streams_multiturn_edit_regenerate_and_survives_reload(demo_ui, open_page):
@@ -308,13 +301,7 @@ def test_stop_aborts_the_request_and_frees_the_kv_cache(demo_ui, open_page):
     page.click("#stop")
     answer = page.locator(".message.assistant").nth(0)
     answer.and_(page.locator("[data-state=done]")).wait_for(timeout=10_000)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        m = demo_ui.metrics()
-        if m["qwenrun:kv_cache_usage_perc"] == 0 and m["qwenrun:num_requests_running"] == 0:
-            break
-        time.sleep(0.1)
-    assert m["qwenrun:kv_cache_usage_perc"] == 0 and m["qwenrun:num_requests_running"] == 0
+    m = demo_ui.wait_idle(15)
     key = "qwenrun:request_success_total{finished_reason=abort}"
     assert m[key] - before.get(key, 0) == 1
     generated = m["qwenrun:generation_tokens_total"] - before["qwenrun:generation_tokens_total"]
