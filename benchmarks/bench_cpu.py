@@ -28,6 +28,7 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
     from qwenrun.bench import _linear_bytes_and_params
     from qwenrun.config import EngineConfig
     from qwenrun.engine.llm_engine import LLMEngine
+    from qwenrun.outputs import OutputKind
     from qwenrun.sampling_params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=model, quantization=quant, kv_cache_memory=1.0, max_model_len=4096,
@@ -37,7 +38,7 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
     pre, dec = [], []
     for r in range(repeats + 1):
         eng.block_manager.reset_prefix_cache()
-        eng.add_request(f"s{r}", None, sp, prompt_token_ids=[t + r for t in prompt])
+        eng.add_request(f"s{r}", None, sp, prompt_token_ids=[t + r for t in prompt], output_kind=OutputKind.DELTA)
         t0 = time.perf_counter()
         eng.step()
         t1 = time.perf_counter()
@@ -53,7 +54,8 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
     short = prompt[:32]
     for r in range(repeats):
         for i in range(conc):
-            eng.add_request(f"c{r}-{i}", None, sp, prompt_token_ids=[t + i + 100 * r for t in short])
+            eng.add_request(f"c{r}-{i}", None, sp, prompt_token_ids=[t + i + 100 * r for t in short],
+                            output_kind=OutputKind.DELTA)
         eng.step()  # all 16 prompts prefill together
         t0 = time.perf_counter()
         n0 = sum(s.num_output_tokens for s in eng.scheduler.running)

@@ -31,6 +31,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from qwenrun import LLM, SamplingParams
+    from qwenrun.outputs import OutputKind
 
     llm = LLM(args.model, quantization=args.quantization, kv_cache_memory=2.0, max_model_len=4096,
               random_weights=args.random_weights)
@@ -45,7 +46,7 @@ def main() -> int:
         """Prefill the batch, then time the pure decode steps."""
         eng.block_manager.reset_prefix_cache()
         for i, p in enumerate(prompts(salt)):
-            eng.add_request(f"p{salt}-{i}", None, sp, prompt_token_ids=p)
+            eng.add_request(f"p{salt}-{i}", None, sp, prompt_token_ids=p, output_kind=OutputKind.DELTA)
         while any(s.num_output_tokens == 0 for s in eng.scheduler.running) or eng.scheduler.waiting:
             eng.step()
         n, t = 0, time.perf_counter()

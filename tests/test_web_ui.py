@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 

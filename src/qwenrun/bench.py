@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from .outputs import OutputKind
 from .sampling_params import SamplingParams
 
 
@@ -125,7 +126,8 @@ def run_latency(args, eng, limits: dict) -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, repetition_penalty=1.0)
     for r in range(args.warmup + args.repeats):
         eng.block_manager.reset_prefix_cache()
-        eng.add_request(f"lat{r}", None, params, prompt_token_ids=_prompt(eng, args.input_len, r))
+        eng.add_request(f"lat{r}", None, params, prompt_token_ids=_prompt(eng, args.input_len, r),
+                        output_kind=OutputKind.DELTA)  # as the server streams: no per-step history copies
         t0 = time.perf_counter()
         steps = []
         while eng.has_unfinished_requests():
@@ -161,7 +163,8 @@ def run_throughput(args, eng, limits: dict) -> None:
         for r in range(max(1, args.repeats)):
             eng.block_manager.reset_prefix_cache()
             for i in range(b):
-                eng.add_request(f"tp{b}-{r}-{i}", None, params, prompt_token_ids=_prompt(eng, args.input_len, 7 * i + r))
+                eng.add_request(f"tp{b}-{r}-{i}", None, params, output_kind=OutputKind.DELTA,
+                                prompt_token_ids=_prompt(eng, args.input_len, 7 * i + r))
             t0 = time.perf_counter()
             t_decode, produced_at = None, 0
             while eng.has_unfinished_requests():
