@@ -100,11 +100,19 @@ async def client(url: str, until: float, rng: random.Random, stats: dict) -> Non
             stats["requests"] += 1
 
 
-async def soak(url: str, streams: int, seconds: float, seed: int) -> dict:
+async def sample_rss(pid: int | None, until: float, every: float, out: list) -> None:
+    """Server RSS (MiB) every ``every`` seconds: a leak climbs after the plateau, a warm-up does not."""
+    while pid is not None and time.monotonic() < until:
+        out.append(round(rss(pid) / 2**20, 1))
+        await asyncio.sleep(every)
+
+
+async def soak(url: str, streams: int, seconds: float, seed: int, pid: int | None = None) -> dict:
     stats = {"requests": 0, "completed": 0, "hung_up": 0, "errors": 0, "error_kinds": {}, "tokens": 0,
-             "ttft": [], "itl": []}
+             "ttft": [], "itl": [], "rss": []}
     until = time.monotonic() + seconds
-    await asyncio.gather(*(client(url, until, random.Random(seed * 1000 + i), stats) for i in range(streams)))
+    await asyncio.gather(sample_rss(pid, until, max(1.0, seconds / 20), stats["rss"]),
+                         *(client(url, until, random.Random(seed * 1000 + i), stats) for i in range(streams)))
     return stats
 
 
@@ -131,7 +139,7 @@ def main() -> int:
         asyncio.run(soak(url, min(args.streams, 8), args.warmup, args.seed + 1))  # warm-up: allocator, caches
         rss_start = rss(proc.pid) if proc else None
         t0 = time.monotonic()
-        st = asyncio.run(soak(url, args.streams, args.seconds, args.seed))
+        st = asyncio.run(soak(url, args.streams, args.seconds, args.seed, proc.pid if proc else None))
         wall = time.monotonic() - t0
         deadline = time.monotonic() + 120
         while True:  # wait for the server to go idle: aborts of hung-up streams land, blocks return
@@ -151,6 +159,7 @@ def main() -> int:
                "kv_usage_when_idle": m.get("qwenrun:kv_cache_usage_perc"),
                "rss_mib_after_warmup": round(rss_start / 2**20, 1) if rss_start else None,
                "rss_mib_end": round(rss_end / 2**20, 1) if rss_end else None,
+               "rss_mib_timeline": st["rss"],  # every seconds/20 during the run
                "ttft_ms_p50": pct(st["ttft"], 0.5), "ttft_ms_p99": pct(st["ttft"], 0.99),
                "itl_ms_p50": pct(st["itl"], 0.5), "itl_ms_p99": pct(st["itl"], 0.99),
                "itl_ms_mean": round(statistics.fmean(st["itl"]) * 1000, 1) if st["itl"] else None,
