@@ -197,7 +197,7 @@ def test_schemathesis_finds_no_server_errors(plain, tmp_path):
     cmd = [exe, "run", plain.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
            "--request-timeout", "60", "--seed", "1", "--workers", "2", "--suppress-health-check", "all",
            "--report", "junit", "--report-dir", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays there
     assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-2000:])
     assert "Server error" not in r.stdout
     assert httpx.get(plain.url + "/health", timeout=10).status_code == 200
