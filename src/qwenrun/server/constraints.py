@@ -20,6 +20,13 @@ def from_response_format(rf: dict[str, Any] | None) -> StructuredOutputsParams |
     if kind == "text":
         return None
     if kind == "json_object":
+        # Some clients (instructor's JSON modes for OpenAI-like hosts) send the schema alongside:
+        # honour it rather than drop it.
+        schema = rf.get("schema")
+        if schema is not None:
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format.schema must be a JSON Schema object", param="response_format")
+            return StructuredOutputsParams(json=schema)
         return StructuredOutputsParams(json_object=True)
     if kind == "json_schema":
         js = rf.get("json_schema")
