@@ -231,7 +231,7 @@ def chatml_srv(tmp_path_factory):
 
 
 def test_forced_calls_on_a_template_without_tools(chatml_srv):
-    client = chatml_client_of(srv)
+    client = client_of(chatml_srv)
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         ch = client.chat.completions.create(model="demo", messages=WEATHER_Q, tools=WEATHER_TOOLS, tool_choice=choice,
                                             temperature=0, max_tokens=120, parallel_tool_calls=False).choices[0]
