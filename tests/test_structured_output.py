@@ -205,6 +205,12 @@ def test_compiled_once_per_distinct_constraint(llm):
     ({"choice": []}, "choice"),
     ({"json": {"type": "object"}, "regex": "a"}, "exactly one"),
     ({"jsonn": {}}, "unknown field"),
+    ({"json": 5}, "JSON schema"),
+    ({"json": "[1, 2]"}, "JSON schema"),
+    ({"json": {"type": "string", "pattern": "a(("}}, "json"),
+    ({"json": {"type": "string", "format": "not-a-format"}}, "not-a-format"),
+    ({"grammar": "root ::= ("}, "grammar"),
+    ({"regex": ""}, "regex"),
 ])
 def test_bad_constraints_are_value_errors_naming_the_problem(llm, so, words):
     with pytest.raises(ValueError, match=re.escape(words)):
