@@ -109,11 +109,14 @@ def test_top_logprobs_out_of_range(guarded):
                  param="top_logprobs", code="limit_exceeded", contains=("at most 20", "--max-logprobs"))
 
 
-def test_tool_choice_that_needs_constrained_decoding(guarded):
+def test_tool_choice_bad_values_are_400(guarded):
+    # "required" and a named function are served (grammar-forced calls, issue 11); these are not
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
-        assert_error(post(guarded, "/v1/chat/completions", chat_body(tools=tools, tool_choice=choice)), 400,
-                     param="tool_choice", contains=("auto",))
+    for extra, words in (({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g'"),
+                         ({"tool_choice": "required"}, "needs tools"),
+                         ({"tools": tools, "tool_choice": "maybe"}, "'maybe'")):
+        assert_error(post(guarded, "/v1/chat/completions", chat_body(**extra)), 400,
+                     param="tool_choice", contains=(words,))
 
 
 def test_top_logprobs_without_logprobs(guarded):

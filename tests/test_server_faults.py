@@ -92,12 +92,25 @@ def test_malformed_tools_are_400(plain, tools):
     _assert_openai_error(_post(plain, "/v1/chat/completions", _chat(tools=tools)), 400, param="tools")
 
 
-@pytest.mark.parametrize("rf", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}},
+@pytest.mark.parametrize("rf", [{"type": "json_schema", "json_schema": {"name": "x"}},
+                                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
                                 {"type": "yaml"}, {}])
-def test_response_format_not_done_is_400_never_ignored(plain, rf):
+def test_response_format_unknown_or_malformed_is_400_never_ignored(plain, rf):
     _assert_openai_error(_post(plain, "/v1/chat/completions", _chat(response_format=rf)), 400, param="response_format")
     ok = _post(plain, "/v1/chat/completions", _chat(response_format={"type": "text"}))
     assert ok.status_code == 200, ok.text
+
+
+def test_response_format_json_is_served_constrained(plain):
+    # structured output (issue 11): the tiny model's noise, constrained, is a valid object
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    r = _post(plain, "/v1/chat/completions", _chat(response_format=rf, max_tokens=40, temperature=0))
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) in ({"ok": True}, {"ok": False})
+    r = _post(plain, "/v1/chat/completions", _chat(response_format={"type": "json_object"}, max_tokens=4))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].startswith("{")
 
 
 @pytest.mark.parametrize("raw", [b'[{"role": "user", "content": "Hi"}]', b'"a string"', b"null", b"12"])

@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=int(_env("max_body_bytes", 8 << 20)))
     s.add_argument("--shutdown-grace", type=float, default=float(_env("shutdown_grace", 10)),
                    help="seconds in-flight requests may finish after SIGTERM")
+    s.add_argument("--chat-template", default=_env("chat_template"), metavar="FILE",
+                   help="a Jinja chat template to use instead of the model's own (as vLLM's flag)")
     s.add_argument("--no-web-ui", action="store_true",
                    default=_env("no_web_ui", "0").lower() in ("1", "true", "yes"), help="do not serve the chat page at /")
     lim = s.add_argument_group("cost caps per request (each answered with a 400 naming the flag)")

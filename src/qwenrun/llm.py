@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Iterator, Sequence as Seq
 from typing import Any
 
+from . import tool_use
 from .chat_template import render_chat
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
@@ -71,23 +73,46 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None, *,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template: str | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None, parallel_tool_calls: bool | None = None) -> list[RequestOutput]:
         """Chat completion(s) with the model's own template; unset sampling values take the
-        model's generation_config defaults. ``tools`` (OpenAI function specs) go to the template."""
+        model's generation_config defaults. ``tools`` (OpenAI function specs) go to the template
+        (or, for a template without tools, into a Hermes-style system prompt). ``tool_choice``:
+        "auto" (default), "none", "required" or {"type": "function", "function": {"name": ...}};
+        a forced call is constrained to ``<tool_call>{"name", "arguments"}</tool_call>`` blocks
+        whose arguments follow the tool's parameters schema."""
+        from .server.tool_calls import validate_tools  # the one check of the OpenAI tool shape
+
+        validate_tools(tools)
+        mode = tool_use.tool_choice_mode(tools, tool_choice)
+        use_tools = bool(tools) and mode != "none"
+        params = sampling_params or SamplingParams()
+        if use_tools and mode != "auto":
+            if params.structured_outputs is not None:
+                raise ValueError("a forced tool call is a constraint already: drop structured_outputs or tool_choice")
+            forced = tool_use.forced_call_constraint(tools, mode, parallel_tool_calls,
+                                                     tool_use.tag_token_ids(self.engine.tokenizer))
+            params = replace(params, structured_outputs=forced)
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
                                             continue_final_message=continue_final_message,
-                                            chat_template=chat_template, tools=tools) for c in convs]
-        return self.generate(prompts, sampling_params)
+                                            chat_template=chat_template, tools=tools if use_tools else None)
+                   for c in convs]
+        return self.generate(prompts, params)
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
                             continue_final_message: bool = False, chat_template: str | None = None,
                             tools: list[dict] | None = None) -> str:
         tok = self.get_tokenizer()
-        return render_chat(chat_template or tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           continue_final_message=continue_final_message, tools=tools,
-                           special_tokens={"bos_token": tok.bos_token, "eos_token": tok.eos_token,
-                                           "pad_token": tok.pad_token})
+        template = chat_template or tok.chat_template
+
+        def render(msgs: list[dict], **kw: Any) -> str:
+            return render_chat(template, msgs, special_tokens={
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token}, **kw)
+
+        return tool_use.render_with_tools(render, template, messages, tools,
+                                          add_generation_prompt=add_generation_prompt,
+                                          continue_final_message=continue_final_message)
 
     def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None, *,
                prompt_token_ids: list[int] | None = None) -> Iterator[RequestOutput]:

@@ -1,9 +1,14 @@
 """SamplingParams: vLLM/OpenAI names, validated on construction (ValueError with a message).
 
+``structured_outputs`` constrains the answer to a JSON schema, any JSON object, a regex, one of a
+list of strings, or a grammar (the same fields as vLLM's ``StructuredOutputsParams``); the engine
+compiles it into a token mask per step (engine/structured.py).
+
 Fields left as None for temperature, top_p, top_k and repetition_penalty mean "the model's own
 default" (generation_config.json) and are filled in by ``resolve()`` when the request is added."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -11,6 +16,72 @@ from typing import Any
 from .config import GenerationDefaults
 
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one constraint: ``json`` (a JSON schema, as a dict or its text), ``json_object``
+    (any JSON object), ``regex``, ``choice`` (one of these strings, verbatim) or ``grammar``
+    (Lark, or GBNF/EBNF with ``::=`` rules)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object is True:
+            given.append("json_object")
+        elif self.json_object is not False:
+            raise ValueError("structured_outputs.json_object must be true or false")
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, grammar"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    self.json = json.loads(self.json)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            if not isinstance(self.json, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError("structured_outputs.regex must be a non-empty string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("structured_outputs.grammar must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        for k in ("json", "regex", "choice", "grammar"):
+            if getattr(self, k) is not None:
+                return k
+        return "json_object"
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical spec): what the compile cache is keyed by."""
+        k = self.kind
+        spec = {"json": self.json, "regex": self.regex, "choice": self.choice, "grammar": self.grammar,
+                "json_object": True}[k]
+        return k, spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def coerce(cls, value: "StructuredOutputsParams | dict[str, Any] | None") -> "StructuredOutputsParams | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict of its fields")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"structured_outputs: unknown field(s) {', '.join(sorted(unknown))}; "
+                             "use json, json_object, regex, choice or grammar")
+        return cls(**value)
 
 
 @dataclass
@@ -34,6 +105,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,6 +169,7 @@ class SamplingParams:
                     bad(f"logit_bias[{k}] must be a bias in [-100, 100] for a token id >= 0")
                 parsed[tid] = float(v)
             self.logit_bias = parsed
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

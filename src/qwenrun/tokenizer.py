@@ -174,6 +174,14 @@ class Tokenizer:
         """id → content of the tokens matched verbatim before BPE (<|im_end|> and the like)."""
         return {i: t.content for i, t in self._tk.get_added_tokens_decoder().items()}
 
+    def llguidance_tokenizer(self, n_vocab: int, eos_token_ids: list[int]):
+        """This tokenizer for llguidance (structured output), from our own tokenizer.json text:
+        nothing is downloaded. ``n_vocab``: the model's logits width (padding ids never allowed)."""
+        import llguidance
+
+        return llguidance.LLTokenizer(self._tk.to_str(), n_vocab=max(n_vocab, len(self)),
+                                      eos_token=list(eos_token_ids) or None)
+
     def detokenizer(self, skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, skip_special_tokens)
 

@@ -30,6 +30,7 @@ from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .structured import GrammarCompiler
 
 log = logging.getLogger("qwenrun")
 
@@ -81,6 +82,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self._eos = frozenset(lm.generation_defaults.eos_token_id or lm.config.eos_token_id)
+        self.structured = GrammarCompiler(self.tokenizer, lm.config.vocab_size, self._eos)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "failed": 0}
         self.consecutive_step_failures = 0
 
@@ -127,12 +129,17 @@ class LLMEngine:
                 raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         ids = self.encode_prompt(prompt, prompt_token_ids)
         self.check_fits(len(ids), params.max_tokens)
+        so = params.structured_outputs
+        if so is not None:
+            self.structured.compile(so)  # ValueError naming the problem; cached after the first time
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, i, ids, params, self._eos, self.max_model_len)
             # Distinct but reproducible streams for the n samples of one seeded request.
             seq.seed = (base_seed + i * 0x9E3779B97F4A7C15) % (1 << 63)
+            if so is not None:
+                seq.grammar = self.structured.new_state(so)
             if i and self.config.enable_prefix_caching:
                 # Share the prompt's KV blocks through the prefix cache (and its prompt logprobs,
                 # which only the first sample computes: once per request, not once per sample).
@@ -188,6 +195,9 @@ class LLMEngine:
             if req is None or req.request_id in failed:
                 continue
             self.stats["generation_tokens"] += 1
+            if seq.grammar is not None and seq.grammar.error is not None:
+                failed[req.request_id] = f"structured output failed: {seq.grammar.error}"
+                continue
             try:
                 stop = self.output_processor.process(seq, [seq.token_ids[-1]])
                 if stop is not None:

@@ -2,7 +2,8 @@
 
 Order per row (as transformers' logits processors/warpers, then vLLM's extras):
 logit_bias → min_tokens EOS mask → repetition penalty (prompt + output, CTRL style) →
-presence/frequency penalties (output counts, OpenAI style) → greedy argmax, or
+presence/frequency penalties (output counts, OpenAI style) → grammar mask (structured output: the
+last word on which tokens may come; only rows with a grammar pay) → greedy argmax, or
 temperature → top_k → top_p → min_p → sample.
 
 Sampling uses the exponential race ``argmax(logits/T - log(E))`` with E ~ Exp(1) drawn from the
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .sequence import Sequence
+from .structured import apply_masks
 
 # top-k candidate window: when every sampled row has top_k <= this, work on topk() candidates
 # instead of sorting the whole vocabulary (exact: tokens outside a row's top_k are masked anyway).
@@ -60,6 +62,9 @@ class Sampler:
         self._apply_penalties(logits, seqs)
         if self.valid_vocab is not None:
             logits[:, self.valid_vocab:] = float("-inf")
+        constrained = [r for r, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            self._apply_grammars(logits, seqs, constrained)
 
         out = logits.argmax(dim=-1)
         rows = [r for r, p in enumerate(params) if p.temperature != 0]
@@ -83,6 +88,12 @@ class Sampler:
                 d[tokens[r]] = chosen[r]
                 lps[r] = d
         return SampleResult(tokens, lps)
+
+    @staticmethod
+    def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        # No conflict with min_tokens' EOS ban: a grammar that allows only EOS has stopped, and a
+        # stopped grammar has already ended its sequence (Sequence.check_token_stop).
+        apply_masks(logits, rows, [seqs[r].grammar for r in rows])
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -48,6 +48,9 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, float] | None] = []
         self.num_preemptions = 0
         self.user_data: Any = None  # the output processor's per-sequence state
+        # structured output: the grammar matcher (engine/structured.py), advanced by append_token
+        # alone. Preemption keeps the tokens (recompute), so the state never needs rolling back.
+        self.grammar: Any = None
 
     # -- token accounting -------------------------------------------------------------------
     @property
@@ -84,6 +87,8 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     def check_token_stop(self) -> bool:
         """Stop conditions decided by the last token alone: EOS, stop_token_ids, max_tokens, context.
@@ -98,6 +103,10 @@ class Sequence:
             if p.stop_token_ids and last in p.stop_token_ids:
                 self.finish_reason, self.stop_reason = "stop", last
                 return True
+        if self.grammar is not None and self.grammar.terminated:
+            # the grammar is complete and nothing may follow: a natural end, as EOS would be
+            self.finish_reason, self.stop_reason = "stop", None
+            return True
         if p.max_tokens is not None and n_out >= p.max_tokens:
             self.finish_reason = "length"
             return True

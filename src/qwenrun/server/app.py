@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -57,6 +58,7 @@ class ServerState:
         self.metrics = ServerMetrics(self.model_name, lambda: self.llm)
         self.server: Any = None  # the uvicorn.Server, told to exit if loading fails or the engine dies
         self.engine_error: BaseException | None = None
+        self.chat_template: str | None = None  # --chat-template: replaces the model's own
         self.limits = RequestLimits(
             max_n=args.max_n, max_logit_bias=args.max_logit_bias, max_stop=args.max_stop,
             max_stop_length=args.max_stop_length, max_logprobs=args.max_logprobs,
@@ -84,6 +86,8 @@ class ServerState:
             llm = AsyncLLM.from_config(cfg, progress=True, max_waiting=self.args.max_waiting,
                                        on_fatal=self._engine_died)
             lm = llm.engine.loaded
+            if self.chat_template is not None and llm.engine.tokenizer is not None:
+                llm.engine.tokenizer.chat_template = self.chat_template
             print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
                   f"{', ' + cfg.quantization if cfg.quantization else ''}, {lm.device}) in "
                   f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}. Serving it as "
@@ -332,6 +336,11 @@ def serve_main(args: argparse.Namespace) -> int:
     if args.max_body_bytes < 1 or args.max_waiting < 1 or args.shutdown_grace < 0:
         raise ValueError("--max-body-bytes and --max-waiting must be >= 1, --shutdown-grace >= 0")
     state = ServerState(args)
+    if getattr(args, "chat_template", None):
+        try:
+            state.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e}") from None
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_grace, timeout_keep_alive=5)
     server = uvicorn.Server(config)

@@ -107,6 +107,13 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's structured output: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}, and
+    # the older single fields (checked in server/constraints.py: at most one constraint)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class TextPart(_Request):
@@ -127,9 +134,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None  # rendered by the template; calls parsed from the answer
-    tool_choice: str | dict[str, Any] | None = None  # "auto" (default with tools) or "none"
-    parallel_tool_calls: bool | None = None  # accepted; the model may emit several calls either way
-    response_format: dict[str, Any] | None = None  # "text" only until structured output exists
+    # "none" | "auto" (default with tools) | "required" | {"type": "function", "function": {"name"}}
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # with "required": several calls allowed unless false
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema (constraints.py)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 

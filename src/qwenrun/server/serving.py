@@ -24,8 +24,10 @@ from ..chat_template import render_chat
 from ..engine.async_engine import AsyncLLM, EngineDeadError
 from ..errors import RequestFailedError
 from ..outputs import RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, StructuredOutputsParams
+from .. import tool_use
 from . import tool_calls
+from .constraints import request_constraint
 from .engine_requests import EngineRequests, engine_error, unless_disconnected
 from .limits import RequestLimits
 from .logprobs import LogprobFormatter
@@ -74,7 +76,8 @@ class OpenAIServing:
             raise APIError(400, str(e), param="messages") from None
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+                logprobs: int | None, prompt_logprobs: int | None = None,
+                structured: StructuredOutputsParams | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -83,9 +86,23 @@ class OpenAIServing:
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=req.logit_bias,
                 skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=structured)
         except ValueError as e:
             raise bad_request(str(e), SAMPLING_FIELDS) from None
+
+    async def _constraint(self, req: ChatCompletionRequest | CompletionRequest,
+                          forced: StructuredOutputsParams | None = None) -> StructuredOutputsParams | None:
+        """The request's constraint, compiled now on a worker thread (cached by the engine for
+        the request itself): a schema or grammar the engine cannot use is a 400 here, before the
+        request exists, never an unconstrained answer."""
+        so, field = request_constraint(req, forced)
+        if so is None:
+            return None
+        try:
+            await asyncio.to_thread(self.engine.structured.compile, so)
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}", param=field, code="invalid_constraint") from None
+        return so
 
     async def _start(self, raw: Request, prefix: str, prompts: list[list[int]],
                      params: SamplingParams) -> EngineRequests:
@@ -129,12 +146,14 @@ class OpenAIServing:
 
     # -- /v1/chat/completions -----------------------------------------------------------------
     def _prepare_chat(self, req: ChatCompletionRequest, use_tools: bool) -> list[int]:
-        """Template + tokenize (on a worker thread)."""
-        prompt = self._render(tool_calls.messages_for_template(req.message_dicts()),
-                              continue_final_message=req.continue_final_message,
-                              add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                              tools=req.tools if use_tools else None)
-        return self._need_tokenizer().encode(prompt)
+        """Template + tokenize (on a worker thread). A template without a tools section gets the
+        tools as a Hermes-style system prompt (tool_use.py)."""
+        tok = self._need_tokenizer()
+        prompt = tool_use.render_with_tools(
+            self._render, tok.chat_template, tool_calls.messages_for_template(req.message_dicts()),
+            req.tools if use_tools else None, continue_final_message=req.continue_final_message,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message)
+        return tok.encode(prompt)
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(req.model)
@@ -143,20 +162,32 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         self.limits.check(n=req.n, logit_bias=req.logit_bias, stop=req.stop,
                           logprobs=req.top_logprobs, logprobs_param="top_logprobs")
-        check_response_format(req.response_format)
         try:
             tool_calls.validate_tools(req.tools)
         except ValueError as e:
             raise APIError(400, str(e), param="tools") from None
-        if req.tool_choice not in (None, "auto", "none"):
-            raise APIError(400, "tool_choice supports 'auto' and 'none' (forcing a call needs constrained "
-                                "decoding, which qwenrun does not do)", param="tool_choice")
-        use_tools = bool(req.tools) and req.tool_choice != "none"
+        try:
+            mode = tool_use.tool_choice_mode(req.tools, req.tool_choice)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        use_tools = bool(req.tools) and mode != "none"
         names = tool_calls.tool_names(req.tools)
+        forced = None
+        if use_tools and mode != "auto":
+            forced = tool_use.forced_call_constraint(req.tools, mode, req.parallel_tool_calls,
+                                                     tool_use.tag_token_ids(self.tok))
+        structured = await self._constraint(req, forced)
+        # OpenAI (and vLLM): a call forced by name ends with "stop"; "required" and "auto" calls
+        # end with "tool_calls".
+        named = forced is not None and mode != "required"
+
+        def finish_reason(calls: list, reason: str | None) -> str | None:
+            return reason if named else tool_calls.finish_reason(calls, reason)
+
         ids = await asyncio.to_thread(self._prepare_chat, req, use_tools)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._params(req, max_tokens, top)
+        params = self._params(req, max_tokens, top, structured=structured)
         run = await self._start(raw, "chatcmpl", [ids], params)
         rid, created = run.rids[0].rsplit("-", 1)[0], int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name}
@@ -171,7 +202,7 @@ class OpenAIServing:
                 choices.append({"index": c.index, "message": message,
                                 "logprobs": ({"content": self.lp.chat(c.token_ids, c.logprobs or [], top)}
                                              if top is not None else None),
-                                "finish_reason": tool_calls.finish_reason(calls, c.finish_reason)})
+                                "finish_reason": finish_reason(calls, c.finish_reason)})
             return JSONResponse({**head, "choices": choices, "usage": run.usage(), "system_fingerprint": None})
         head["object"] = "chat.completion.chunk"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -211,7 +242,7 @@ class OpenAIServing:
                                 yield chunk(i, {"content": rest})
                             if calls:
                                 yield chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]})
-                            finish = tool_calls.finish_reason(calls, finish)
+                            finish = finish_reason(calls, finish)
                         yield chunk(i, {}, finish=finish)
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": run.usage()})
@@ -241,7 +272,8 @@ class OpenAIServing:
         # echo + logprobs: the prompt's logprobs are part of the answer (first token: None); the
         # engine computes them once per prompt, however many samples share it.
         max_tokens = req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-        params = self._params(req, max_tokens, req.logprobs, req.logprobs if echo_lp else None)
+        structured = await self._constraint(req)
+        params = self._params(req, max_tokens, req.logprobs, req.logprobs if echo_lp else None, structured)
         run = await self._start(raw, "cmpl", prompts, params)
         rid, created = run.rids[0].rsplit("-", 1)[0], int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
@@ -315,18 +347,3 @@ class OpenAIServing:
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {len(tok)})", param="tokens")
         return {"prompt": tok.decode(req.tokens)}
-
-
-def check_response_format(rf: dict[str, Any] | None) -> None:
-    """``text`` is what every answer is; a JSON-constrained answer needs structured output, which
-    this server does not do yet: say so (a 400), never answer unconstrained as if it did."""
-    if rf is None:
-        return
-    kind = rf.get("type")
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
-        raise APIError(400, f"response_format type {kind!r} is not supported by this server yet (structured "
-                            "output); use 'text'", param="response_format", code="unsupported_response_format")
-    raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema'; got {kind!r}",
-                   param="response_format")
