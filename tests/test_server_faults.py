@@ -29,10 +29,6 @@ def _rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _wait_idle(srv: ServerProcess, timeout: float = 60.0) -> dict[str, float]:
-    return srv.wait_idle(timeout)
-
-
 def _assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
     assert r.status_code == status, (r.status_code, r.text[:500])
     err = r.json()["error"]
@@ -214,7 +210,7 @@ def test_schemathesis_finds_no_server_errors(plain, tmp_path):
     assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-2000:])
     assert "Server error" not in r.stdout
     assert httpx.get(plain.url + "/health", timeout=10).status_code == 200
-    _wait_idle(plain)
+    plain.wait_idle()
 
 
 # -- a reader that stops reading (item 3) ---------------------------------------------------------
@@ -230,7 +226,7 @@ def test_slow_reader_does_not_grow_server_memory(plain):
         assert r.status_code == 200
         for _ in r.iter_raw():
             pass
-    _wait_idle(plain)
+    plain.wait_idle()
     gen_before = plain.metrics()["qwenrun:generation_tokens_total"]
     base = _rss_bytes(plain.proc.pid)
     sock = socket.socket()
@@ -250,7 +246,7 @@ def test_slow_reader_does_not_grow_server_memory(plain):
         sock.close()
     # cumulative outputs queued per step would hold ~450 steps x 16 samples x ~800-entry lists (100+ MB)
     assert grown < 40 * 2**20, f"server RSS grew {grown / 2**20:.1f} MiB under an unread stream"
-    _wait_idle(plain)
+    plain.wait_idle()
     assert httpx.get(plain.url + "/health", timeout=10).status_code == 200
 
 
@@ -294,7 +290,7 @@ def test_step_failure_fails_its_request_and_the_next_succeeds(tiny_ckpt, tmp_pat
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         # a streamed request whose step fails after the 200 gets an in-band error event
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
-        _wait_idle(srv)
+        srv.wait_idle()
     finally:
         assert srv.stop() == 0
 
@@ -368,13 +364,13 @@ def test_disconnect_storm_leaves_a_healthy_server(demo_srv):
 
     asyncio.run(storm())
     assert abandoned[0] >= 200, abandoned[0]
-    _wait_idle(demo_srv)
+    demo_srv.wait_idle()
     c = demo_srv.client()
     out = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "What is the capital of France?"}],
                                     temperature=0, max_tokens=16)
     assert "Paris" in out.choices[0].message.content
     assert httpx.get(demo_srv.url + "/health", timeout=10).status_code == 200
-    m = _wait_idle(demo_srv)
+    m = demo_srv.wait_idle()
     assert m["qwenrun:kv_cache_usage_perc"] == 0
     log = demo_srv.log_path.read_text(errors="replace")
     assert "engine loop crashed" not in log and "Traceback" not in log

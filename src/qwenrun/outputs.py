@@ -75,13 +75,16 @@ class RequestOutput:
         """Fold a later delta of the same request into this output (in place). Samples the delta
         does not mention keep what they have."""
         mine = {c.index: c for c in self.outputs}
+        appended = False
         for c in delta.outputs:
             if c.index in mine:
                 mine[c.index].add(c)
             else:
                 self.outputs.append(c)
                 mine[c.index] = c
-        self.outputs.sort(key=lambda c: c.index)
+                appended = True
+        if appended:  # per-step merges of known samples need no re-sort
+            self.outputs.sort(key=lambda c: c.index)
         if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = delta.prompt_logprobs
         self.finished = delta.finished
