@@ -101,7 +101,7 @@ def _header(args, eng, limits: dict) -> dict:
     return {
         "model": lm.name, "random_weights": bool(args.random_weights), "device": str(lm.device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "dtype": str(lm.dtype).replace("torch.", ""), "quantization": args.quantization,
+        "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
         "kv_cache_dtype": args.kv_cache_dtype, "commit": _commit(), **{k: round(v, 2) for k, v in limits.items()},
     }
 

@@ -22,9 +22,11 @@ from types import ModuleType
 log = logging.getLogger("qwenrun")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "kv_attention.cpp"]
+SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "gguf_kernels.cpp", _CSRC / "kv_attention.cpp"]
 HEADERS = [_CSRC / "quant_common.h"]  # not compiled on their own, but part of the build's identity
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
+# -ffp-contract=off: a * b - c stays two roundings (no fused multiply-add the compiler picks on its
+# own), so the dequantizers reproduce the reference values exactly.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
 _UNSET = object()
 _ops: object = _UNSET
@@ -111,6 +113,13 @@ def ops() -> ModuleType | None:
                 log.warning("quantized kernels unavailable (%s); using the slower PyTorch path",
                             _error.splitlines()[0][:200])
     return _ops  # type: ignore[return-value]
+
+
+def describe() -> str:
+    """Which code path the quantized linears take on this machine, in words."""
+    if ops() is None:
+        return f"PyTorch fallback ({unavailable_reason()})"
+    return "AVX2+FMA C++ kernels (int8, int4, GGUF blocks; " + " ".join(CFLAGS) + ")"
 
 
 def unavailable_reason() -> str | None:
