@@ -240,3 +240,15 @@ def test_demo_auto_runs_the_file_precision_close_to_dense(demo_path):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     text = auto.chat(msgs, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0].text
     assert "Paris" in text
+
+
+def test_auto_keeps_safetensors_dense_and_other_formats_only_when_asked(tiny_dir, tiny_kq):
+    from qwenrun.quant.linear import Int8Linear
+
+    st = load(EngineConfig(model=str(tiny_dir)), progress=False)  # auto on safetensors: dense
+    assert st.quantization is None and isinstance(st.model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    asked = load(EngineConfig(model=str(tiny_kq), quantization="int8"), progress=False)  # a second rounding, asked for
+    assert asked.quantization == "int8" and isinstance(asked.model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert EngineConfig(model="x", quantization="none").quantization is None
+    with pytest.raises(ValueError, match="auto"):
+        EngineConfig(model="x", quantization="q4_k")
