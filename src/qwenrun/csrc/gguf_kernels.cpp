@@ -8,7 +8,8 @@
 //   q: int8 [O, K] ("q8" storage: Q8_0, Q5_0, Q5_1, Q5_K, Q6_K), or nibbles uint8 [O, K/2]
 //   ("q4" storage: Q4_0, Q4_1, Q4_K) laid out as GGUF's Q4_K: per 64 weights 32 bytes, the low
 //   nibble of byte i is weight i, the high nibble weight 32 + i.
-//   d, dm fp32 (GGUF's fp16 values converted exactly); sc, mn int8 (GGUF's 6-bit / int8 scales).
+//   d, dm fp16 (GGUF's own values, converted to fp32 exactly with F16C when used); sc, mn int8
+//   (GGUF's 6-bit / int8 scales).
 //
 // The products in fp32 are those gguf's reference dequantization computes, in the same order, so
 // bq_dequant returns its values exactly. The GEMV quantizes activations to int8 per 32 (one fp32
@@ -42,9 +43,9 @@ constexpr int64_t kChunk = 32;  // activation block = the smallest GGUF block
 
 struct Weight {  // one packed weight, raw pointers + geometry
   const uint8_t* q;
-  const float* d;
+  const uint16_t* d;  // fp16
   const int8_t* sc;
-  const float* dm;
+  const uint16_t* dm;  // fp16
   const int8_t* mn;
   int64_t K, nb, ldq, ldd, ldg;  // nb = K / 32 chunks; row strides of q (bytes), d/dm, sc/mn
   int sshift;                    // chunk index >> sshift = super-block index
@@ -61,12 +62,12 @@ struct Act {  // one quantized activation row
 template <bool Nib, int G, bool Min, bool Sc>
 inline float bq_row(const Weight& W, int64_t o, const Act& A) {
   const uint8_t* w = W.q + o * W.ldq;
-  const float* d = W.d + o * W.ldd;
+  const uint16_t* d = W.d + o * W.ldd;
   const int8_t* sc = Sc ? W.sc + o * W.ldg : nullptr;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   auto scale = [&](int64_t b) -> __m256 {
-    const float dx = d[b >> W.sshift] * A.xs[b];
+    const float dx = _cvtsh_ss(d[b >> W.sshift]) * A.xs[b];
     if constexpr (G == 16) return _mm256_setr_m128(_mm_set1_ps(dx * sc[2 * b]), _mm_set1_ps(dx * sc[2 * b + 1]));
     else return _mm256_set1_ps(Sc ? dx * sc[b] : dx);
   };
@@ -104,10 +105,10 @@ inline float bq_row(const Weight& W, int64_t o, const Act& A) {
   }
   float y = hsum(_mm256_add_ps(acc0, acc1));
   if constexpr (Min) {  // - sum_g dm * mn_g * sum_{k in g} x_k   (G == 32 when there is an offset)
-    const float* dm = W.dm + o * W.ldd;
+    const uint16_t* dm = W.dm + o * W.ldd;
     const int8_t* mn = W.mn + o * W.ldg;
     float m = 0.f;
-    for (int64_t b = 0; b < W.nb; ++b) m += dm[b >> W.sshift] * static_cast<float>(mn[b]) * A.xsum[b];
+    for (int64_t b = 0; b < W.nb; ++b) m += _cvtsh_ss(dm[b >> W.sshift]) * static_cast<float>(mn[b]) * A.xsum[b];
     y -= m;
   }
   return y;
@@ -137,19 +138,19 @@ Weight make_weight(const torch::Tensor& q, const torch::Tensor& d, const c10::op
   TORCH_CHECK(K % kChunk == 0 && (!nib || K % 64 == 0), "K must be a multiple of 32 (64 for nibbles)");
   TORCH_CHECK(S == 32 || S == 256, "super-block must be 32 or 256");
   TORCH_CHECK(K % S == 0 && S % G == 0, "K must be a multiple of the super-block");
-  TORCH_CHECK(d.scalar_type() == torch::kFloat32 && d.is_contiguous() && d.size(0) == O && d.size(1) == K / S, "bad d");
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.size(0) == O && d.size(1) == K / S, "bad d");
   if (sc) TORCH_CHECK(sc->scalar_type() == torch::kInt8 && sc->is_contiguous() && sc->size(0) == O && sc->size(1) == K / G, "bad sc");
   TORCH_CHECK(dm.has_value() == mn.has_value(), "dm and mn come together");
   if (dm) {
     TORCH_CHECK(G == 32, "offsets need groups of 32");
-    TORCH_CHECK(dm->scalar_type() == torch::kFloat32 && dm->is_contiguous() && dm->sizes() == d.sizes(), "bad dm");
+    TORCH_CHECK(dm->scalar_type() == torch::kHalf && dm->is_contiguous() && dm->sizes() == d.sizes(), "bad dm");
     TORCH_CHECK(mn->scalar_type() == torch::kInt8 && mn->is_contiguous() && mn->size(0) == O && mn->size(1) == K / G, "bad mn");
   }
   Weight W{};
   W.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
-  W.d = d.data_ptr<float>();
+  W.d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   W.sc = sc ? sc->data_ptr<int8_t>() : nullptr;
-  W.dm = dm ? dm->data_ptr<float>() : nullptr;
+  W.dm = dm ? reinterpret_cast<const uint16_t*>(dm->data_ptr<at::Half>()) : nullptr;
   W.mn = mn ? mn->data_ptr<int8_t>() : nullptr;
   W.K = K;
   W.nb = K / kChunk;
@@ -200,7 +201,7 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const to
   auto y = torch::empty({N, O}, x.options());
   const YWriter out(y);
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const int64_t row_bytes = W.ldq + W.ldd * 4 * (W.dm ? 2 : 1) + (W.sc ? W.ldg : 0) + (W.mn ? W.ldg : 0);
+  const int64_t row_bytes = W.ldq + W.ldd * 2 * (W.dm ? 2 : 1) + (W.sc ? W.ldg : 0) + (W.mn ? W.ldg : 0);
   at::parallel_for(0, O, grain_for(row_bytes * N), [&](int64_t o0, int64_t o1) {
     for_rows_streamed(o0, o1, [&](int64_t o) {
       for (int64_t n = 0; n < N; ++n) {  // the weight row stays in L1 for the other n
@@ -231,7 +232,7 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c
       const uint8_t* w = W.q + o * W.ldq;
       for (int64_t b = 0; b < W.nb; ++b) {
         const int64_t s = b >> W.sshift;
-        const float dv = W.d[o * W.ldd + s];
+        const float dv = _cvtsh_ss(W.d[o * W.ldd + s]);
         for (int64_t i = 0; i < kChunk; ++i) {
           const int64_t k = b * kChunk + i;
           float qv;
@@ -243,7 +244,7 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c
           }
           const float scale = W.sc ? dv * static_cast<float>(W.sc[o * W.ldg + k / G]) : dv;
           float v = scale * qv;
-          if (W.dm) v = v - W.dm[o * W.ldd + s] * static_cast<float>(W.mn[o * W.ldg + k / G]);
+          if (W.dm) v = v - _cvtsh_ss(W.dm[o * W.ldd + s]) * static_cast<float>(W.mn[o * W.ldg + k / G]);
           buf[i] = v;
         }
         const int64_t base = (o - r0) * K + b * kChunk;

@@ -7,20 +7,20 @@ with numpy only, into the one layout ``csrc/gguf_kernels.cpp`` reads:
 
 with s = k // S (super-block), g = k // G (group), ``sc`` absent = 1 and ``dm``/``mn`` absent = 0.
 ``q`` is int8 [O, K] (5-, 6- and 8-bit formats) or nibbles [O, K/2] (4-bit formats, GGUF's Q4_K
-byte order). ``d``/``dm`` are GGUF's fp16 scales converted to fp32 (exact) and ``sc``/``mn`` its
-integer sub-scales, so the fp32 products are exactly those ``gguf.quants.dequantize`` computes.
+byte order). ``d``/``dm`` are GGUF's fp16 scales as stored and ``sc``/``mn`` its integer
+sub-scales; the fp32 products are exactly those ``gguf.quants.dequantize`` computes.
 
 =======  ========  ====  ===  ============================  ===============
 format   storage   S     G    sc / offset                   bits per weight
 =======  ========  ====  ===  ============================  ===============
-Q8_0     int8      32    32   - / -                         9   (file 8.5)
-Q5_0     int8      32    32   - / -                         9   (file 5.5)
-Q5_1     int8      32    32   - / dm = -m, mn = 1           10.25 (file 6)
-Q4_0     nibbles   32    32   - / dm = d, mn = 8            6.25 (file 4.5)
-Q4_1     nibbles   32    32   - / dm = -m, mn = 1           6.25 (file 5)
-Q4_K     nibbles   256   32   6-bit sc / dmin, 6-bit m      4.75 (file 4.5)
-Q5_K     int8      256   32   6-bit sc / dmin, 6-bit m      8.75 (file 5.5)
-Q6_K     int8      256   16   int8 sc / -                   8.625 (file 6.56)
+Q8_0     int8      32    32   - / -                         8.5  (file 8.5)
+Q5_0     int8      32    32   - / -                         8.5  (file 5.5)
+Q5_1     int8      32    32   - / dm = -m, mn = 1           9.25 (file 6)
+Q4_0     nibbles   32    32   - / dm = d, mn = 8            5.25 (file 4.5)
+Q4_1     nibbles   32    32   - / dm = -m, mn = 1           5.25 (file 5)
+Q4_K     nibbles   256   32   6-bit sc / dmin, 6-bit m      4.625 (file 4.5)
+Q5_K     int8      256   32   6-bit sc / dmin, 6-bit m      8.625 (file 5.5)
+Q6_K     int8      256   16   int8 sc / -                   8.56 (file 6.56)
 =======  ========  ====  ===  ============================  ===============
 
 The 5- and 6-bit formats are stored a byte a weight (their bit planes unpacked once at load), which
@@ -47,9 +47,9 @@ class BlockWeight:
     qtype: str
     shape: tuple[int, int]  # (O, K)
     q: torch.Tensor
-    d: torch.Tensor
+    d: torch.Tensor  # fp16
     sc: torch.Tensor | None
-    dm: torch.Tensor | None
+    dm: torch.Tensor | None  # fp16
     mn: torch.Tensor | None
     G: int
     S: int
@@ -73,8 +73,8 @@ class BlockWeight:
 # -- repacking (torch byte ops, vectorized over all blocks of a tensor; numpy's strided copies are
 # ~15x slower on these layouts: 22 s vs 1.4 s for a 4B model's Q8_0 embedding) -------------------
 def _f16(x: torch.Tensor) -> torch.Tensor:
-    """[..., 2] bytes → [...] fp32 (exact)."""
-    return x.contiguous().view(torch.float16)[..., 0].float()
+    """[..., 2] bytes → [...] fp16."""
+    return x.contiguous().view(torch.float16)[..., 0]
 
 
 def _nibbles_32(qs: torch.Tensor) -> torch.Tensor:
@@ -190,12 +190,12 @@ def _dequant_rows(w: BlockWeight, q, d, sc, dm, mn, dtype: torch.dtype) -> torch
         p = q.view(rows, K // 64, 1, 32)
         q = torch.cat([p & 15, p >> 4], dim=2).view(rows, K)
     vals = q.float().view(rows, K // G, G)
-    scale = d.repeat_interleave(S // G, dim=1)
+    scale = d.float().repeat_interleave(S // G, dim=1)
     if sc is not None:
         scale = scale * sc.float()  # (d * sc), then * q: gguf's order
     out = vals * scale[..., None]
     if dm is not None:
-        off = dm.repeat_interleave(S // 32, dim=1) * mn.float()
+        off = dm.float().repeat_interleave(S // 32, dim=1) * mn.float()
         out = out.view(rows, K // 32, 32) - off[..., None]
     return out.reshape(rows, K).to(dtype)
 

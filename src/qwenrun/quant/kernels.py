@@ -26,7 +26,7 @@ SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "gguf_
 HEADERS = [_CSRC / "quant_common.h"]  # not compiled on their own, but part of the build's identity
 # -ffp-contract=off: a * b - c stays two roundings (no fused multiply-add the compiler picks on its
 # own), so the dequantizers reproduce the reference values exactly.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
 _UNSET = object()
 _ops: object = _UNSET
@@ -38,13 +38,13 @@ def disabled_by_env() -> bool:
 
 
 def cpu_supported() -> bool:
-    """The kernels need AVX2 + FMA (x86-64 Haswell / Zen1 or newer)."""
+    """The kernels need AVX2 + FMA + F16C (x86-64 Haswell / Zen1 or newer)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
+                    return {"avx2", "fma", "f16c"} <= flags
     except OSError:
         pass
     return False
@@ -104,7 +104,7 @@ def ops() -> ModuleType | None:
         return None
     if _ops is _UNSET:
         if not cpu_supported():
-            _ops, _error = None, "CPU lacks AVX2/FMA"
+            _ops, _error = None, "CPU lacks AVX2/FMA/F16C"
         else:
             try:
                 _ops = _load()
