@@ -334,8 +334,10 @@ def serve_main(cfg: ServerConfig) -> int:
     import uvicorn
 
     state = ServerState(cfg)
-    config = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level="info",
-                            timeout_graceful_shutdown=cfg.shutdown_grace, timeout_keep_alive=5)
+    # h11 and asyncio, named: installing ray[serve] brings httptools and uvloop, which uvicorn's
+    # "auto" would otherwise switch to; the single server stays the one its tests describe.
+    config = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level="info", http="h11",
+                            loop="asyncio", timeout_graceful_shutdown=cfg.shutdown_grace, timeout_keep_alive=5)
     server = uvicorn.Server(config)
     state.server = server
     # uvicorn re-raises the signal it shut down on after restoring the previous handler; with
