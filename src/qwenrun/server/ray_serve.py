@@ -259,7 +259,12 @@ class QwenrunIngress:
             return reps
         from ray.serve.context import _get_global_client
 
-        details = await asyncio.to_thread(_get_global_client().get_serve_details)
+        try:
+            details = await asyncio.to_thread(_get_global_client().get_serve_details)
+        except Exception as e:  # noqa: BLE001 - the controller is unreachable: nothing is known healthy
+            log.warning("Serve's controller did not answer: %r", e)
+            self._health = (time.monotonic(), [])
+            return []
         app = details.get("applications", {}).get(self.cfg.ray.app_name, {})
         dep = app.get("deployments", {}).get("QwenrunReplica", {})
         reps = [{"id": r["replica_id"], "pid": r.get("pid"), "node_ip": r.get("node_ip")}
@@ -354,7 +359,10 @@ class QwenrunIngress:
 
 def _replica_error(e: BaseException) -> APIError:
     import ray.exceptions as rex
+    from ray.serve.exceptions import BackPressureError
 
+    if isinstance(e, BackPressureError):  # every replica full and --max-waiting queued at the front
+        return APIError(503, f"the server is busy: {e}", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, (rex.RayActorError, rex.ActorUnavailableError)):
         return APIError(503, "the engine replica serving this request stopped; retry (Serve is replacing it)",
                         code="replica_unavailable", headers={"Retry-After": "1"})
@@ -379,6 +387,7 @@ def build_application(cfg: ServerConfig):
         # The engine batches and queues itself (and answers 503 beyond --max-waiting): let Serve
         # send it that much, plus the ingress's per-replica metric calls.
         max_ongoing_requests=engine_cfg.max_num_seqs + cfg.max_waiting + 8,
+        max_queued_requests=cfg.max_waiting,  # beyond that, waiting at the front: 503 queue_full
         request_router_config=RequestRouterConfig(
             request_router_class="qwenrun.server.ray_router:PrefixAffinityRouter",
             request_router_kwargs={"chunk_chars": 64, "min_match_chars": 256, "imbalance": 4}),
