@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replicas", type=int, default=int(_env("replicas", 1)),
                    help="engine replicas behind this one endpoint, each with its own KV cache (1: no Ray)")
     r.add_argument("--ray-address", default=_env("ray_address"),
-                   help="join this Ray cluster (auto, host:6379, ray://host:10001); default: start a local one")
+                   help="join this Ray cluster (auto, host:6379, ray://host:10001); default: start a local one "
+                        "(`local` starts one even for --replicas 1)")
     r.add_argument("--replica-cpus", type=_opt_float, default=_opt_float(_env("replica_cpus")),
                    help="CPUs Ray reserves per replica (fractions allowed; default: --threads, or 1)")
     r.add_argument("--replica-gpus", type=float, default=float(_env("replica_gpus", 0)),

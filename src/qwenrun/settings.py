@@ -35,7 +35,8 @@ class RayConfig:
     ``replica_cpus`` is what Ray reserves per replica (fractions allowed, e.g. 0.5 to pack two
     replicas on one core in tests); None = the engine's thread count (or 1). ``replica_gpus`` is
     0 on CPU or 1 for one GPU each. ``address`` None starts a local Ray cluster for the server's
-    lifetime; an address (``auto``, ``ray://host:10001``, ``host:6379``) joins an existing one."""
+    lifetime (so does ``local``, which forces Ray even for one replica); an address (``auto``,
+    ``ray://host:10001``, ``host:6379``) joins an existing one."""
 
     replicas: int = 1
     address: str | None = None

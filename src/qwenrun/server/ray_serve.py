@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -449,7 +450,7 @@ def serve_ray_main(cfg: ServerConfig) -> int:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    local = cfg.ray.address is None
+    local = cfg.ray.address in (None, "local")  # "local": a fresh local cluster even for --replicas 1
     init_kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if local:
         need = cfg.ray.replicas * _replica_cpus(cfg) + cfg.ray.ingress_cpus
@@ -457,9 +458,9 @@ def serve_ray_main(cfg: ServerConfig) -> int:
         if need > have:
             print(f"qwenrun: {cfg.ray.replicas} replicas x {_replica_cpus(cfg):g} CPUs + the ingress need {need:g} "
                   f"CPUs; this machine has {have:g} (they will share cores)", file=sys.stderr)
-        init_kw["num_cpus"] = max(have, need)
+        init_kw["num_cpus"] = math.ceil(max(have, need))  # Ray wants a whole number for a node
         init_kw["num_gpus"] = cfg.ray.replicas * cfg.ray.replica_gpus if cfg.ray.replica_gpus else None
-    ray.init(address=cfg.ray.address, **init_kw)
+    ray.init(address=None if local else cfg.ray.address, **init_kw)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
