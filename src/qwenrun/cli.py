@@ -115,7 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServerConfig.from_args(args)
     if cfg.ray.replicas > 1 or cfg.ray.address is not None:
-        from .server.ray_serve import serve_ray_main  # imports ray: only for --replicas > 1 / --ray-address
+        try:
+            from .server.ray_serve import serve_ray_main  # imports ray: only for --replicas > 1 / --ray-address
+        except ImportError as e:
+            raise ValueError(f"--replicas/--ray-address need Ray Serve: pip install 'qwenrun[ray]' ({e})") from None
 
         return serve_ray_main(cfg)
     from .server.app import serve_main
