@@ -22,6 +22,7 @@ from test_server import REPO, ServerProcess, serving, tiny_ckpt  # noqa: F401 - 
 from qwenrun.cli import build_parser
 from qwenrun.server.app import ServerState, build_app
 from qwenrun.server.web import STATIC
+from qwenrun.settings import ServerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ LONG = 120_000  # ms: a demo answer on a busy 2-core machine
 
 # -- in-process: files, headers, flags (no model is loaded: the app's lifespan never runs) ----------
 def _client(*flags: str) -> TestClient:
-    return TestClient(build_app(ServerState(build_parser().parse_args(["serve", "demo", *flags]))))
+    return TestClient(build_app(ServerState(ServerConfig.from_args(build_parser().parse_args(["serve", "demo", *flags])))))
 
 
 def _assets() -> list[str]:

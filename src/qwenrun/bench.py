@@ -20,6 +20,7 @@ import torch
 
 from .outputs import OutputKind
 from .sampling_params import SamplingParams
+from .settings import BenchConfig
 
 
 def sig(x: float, digits: int = 3) -> float:
@@ -96,13 +97,13 @@ def _linear_bytes_and_params(model) -> tuple[int, int]:
     return total_b, total_p
 
 
-def _header(args, eng, limits: dict) -> dict:
+def _header(args: BenchConfig, eng, limits: dict) -> dict:
     lm = eng.loaded
     return {
-        "model": lm.name, "random_weights": bool(args.random_weights), "device": str(lm.device),
+        "model": lm.name, "random_weights": bool(args.engine.random_weights), "device": str(lm.device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
-        "kv_cache_dtype": args.kv_cache_dtype, "commit": _commit(), **{k: round(v, 2) for k, v in limits.items()},
+        "kv_cache_dtype": args.engine.kv_cache_dtype, "commit": _commit(), **{k: round(v, 2) for k, v in limits.items()},
     }
 
 
@@ -119,7 +120,7 @@ def _prompt(eng, n: int, salt: int) -> list[int]:
     return torch.randint(margin, max(margin + 1, vocab - margin), (n,), generator=g).tolist()
 
 
-def run_latency(args, eng, limits: dict) -> None:
+def run_latency(args: BenchConfig, eng, limits: dict) -> None:
     """Batch-1 prefill of input_len tokens, then output_len decode steps; medians of repeats."""
     wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
     pre, dec = [], []
@@ -153,11 +154,11 @@ def run_latency(args, eng, limits: dict) -> None:
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
 
 
-def run_throughput(args, eng, limits: dict) -> None:
+def run_throughput(args: BenchConfig, eng, limits: dict) -> None:
     """Aggregate generation throughput with B concurrent sequences (all admitted at once)."""
     wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
     base = _header(args, eng, limits)
-    for b in [int(x) for x in str(args.batch_sizes).split(",") if x]:
+    for b in args.batch_sizes:
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, repetition_penalty=1.0)
         results = []
         for r in range(max(1, args.repeats)):
@@ -189,15 +190,13 @@ def run_throughput(args, eng, limits: dict) -> None:
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
 
 
-def bench_main(args) -> int:
-    from .cli import engine_config
+def bench_main(args: BenchConfig) -> int:
     from .engine.llm_engine import LLMEngine
 
-    cfg = engine_config(args)
-    eng = LLMEngine(cfg, progress=sys.stderr.isatty())
+    eng = LLMEngine(args.engine, progress=sys.stderr.isatty())
     print(f"# {eng.plan.report()}; loaded in {eng.loaded.load_seconds:.1f}s", file=sys.stderr)
     limits = measure_limits(eng.loaded.device, eng.loaded.dtype)
-    if args.bench_kind == "latency":
+    if args.kind == "latency":
         run_latency(args, eng, limits)
     else:
         run_throughput(args, eng, limits)

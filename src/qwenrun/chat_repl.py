@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
+from .settings import ChatConfig
+
 HELP = "Commands: /reset clears the conversation, /exit quits. Ctrl-C stops an answer."
 
 
@@ -88,16 +90,15 @@ class HTTPChat:
                         yield delta
 
 
-def run_repl(args) -> int:
-    from .cli import load_llm, sampling_params
-
-    params = sampling_params(args)
-    if args.url:
-        model = None if args.model == "Qwen/Qwen1.5-4B-Chat" else args.model
-        backend = HTTPChat(args.url, args.api_key, model, params)
+def run_repl(cfg: ChatConfig) -> int:
+    params = cfg.sampling
+    if cfg.url:
+        backend = HTTPChat(cfg.url, cfg.api_key, cfg.remote_model, params)
     else:
-        backend = LocalChat(load_llm(args), params)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+        from .llm import load_llm
+
+        backend = LocalChat(load_llm(cfg.engine), params)
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history: list[dict] = list(system)
     # Ctrl-C must stop an answer even when SIGINT came in ignored (a shell starts background jobs
     # that way, and Python then leaves it ignored): restore Python's KeyboardInterrupt handler.

@@ -9,10 +9,9 @@ import argparse
 import logging
 import os
 import sys
-import time
 from typing import Any
 
-DEFAULT_MODEL = "Qwen/Qwen1.5-4B-Chat"
+from .settings import DEFAULT_MODEL
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -59,17 +58,6 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
                    help="random weights at the model's shapes (speed and memory work)")
 
 
-def engine_config(args: argparse.Namespace):
-    from .config import EngineConfig
-
-    return EngineConfig(
-        model=args.model, revision=args.revision, dtype=args.dtype, device=args.device,
-        quantization=args.quantization, max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype,
-        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed, num_threads=args.threads, random_weights=args.random_weights)
-
-
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (unset values: the model's generation_config)")
     g.add_argument("--max-tokens", type=int, default=None)
@@ -83,32 +71,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
 
 
-def sampling_params(args: argparse.Namespace):
-    from .sampling_params import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
-
-
-def load_llm(args: argparse.Namespace):
-    """Build the LLM with progress bars, then report what was loaded and how long it took."""
-    from .llm import LLM
-
-    cfg = engine_config(args)
-    t0 = time.perf_counter()
-    llm = LLM.from_config(cfg, progress=True)
-    lm = llm.engine.loaded
-    print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
-          f"{', ' + lm.quantization if lm.quantization else ''}, {lm.device}) in "
-          f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}", file=sys.stderr)
-    return llm
-
-
 # -- subcommands ---------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = sampling_params(args)  # validate before spending time on loading
-    llm = load_llm(args)
+    from .config import EngineConfig
+    from .llm import load_llm
+    from .settings import sampling_from_args
+
+    params = sampling_from_args(args)  # validate before spending time on loading
+    llm = load_llm(EngineConfig.from_args(args))
     prompt = args.prompt
     if args.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
@@ -136,24 +106,37 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat_repl import run_repl
+    from .settings import ChatConfig
 
-    return run_repl(args)
+    return run_repl(ChatConfig.from_args(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .settings import ServerConfig
+
+    cfg = ServerConfig.from_args(args)
+    if cfg.ray.replicas > 1 or cfg.ray.address is not None:
+        try:
+            from .server.ray_serve import serve_ray_main  # imports ray: only for --replicas > 1 / --ray-address
+        except ImportError as e:
+            raise ValueError(f"--replicas/--ray-address need Ray Serve: pip install 'qwenrun[ray]' ({e})") from None
+
+        return serve_ray_main(cfg)
     from .server.app import serve_main
 
-    return serve_main(args)
+    return serve_main(cfg)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_kind == "serve":
         from .server.bench import bench_serve_main
+        from .settings import ServeBenchConfig
 
-        return bench_serve_main(args)
+        return bench_serve_main(ServeBenchConfig.from_args(args))
     from .bench import bench_main
+    from .settings import BenchConfig
 
-    return bench_main(args)
+    return bench_main(BenchConfig.from_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Jinja chat template to use instead of the model's own (as vLLM's flag)")
     s.add_argument("--no-web-ui", action="store_true",
                    default=_env("no_web_ui", "0").lower() in ("1", "true", "yes"), help="do not serve the chat page at /")
+    r = s.add_argument_group("many replicas (Ray Serve; pip install 'qwenrun[ray]')")
+    r.add_argument("--replicas", type=int, default=int(_env("replicas", 1)),
+                   help="engine replicas behind this one endpoint, each with its own KV cache (1: no Ray)")
+    r.add_argument("--ray-address", default=_env("ray_address"),
+                   help="join this Ray cluster (auto, host:6379, ray://host:10001); default: start a local one "
+                        "(`local` starts one even for --replicas 1)")
+    r.add_argument("--replica-cpus", type=_opt_float, default=_opt_float(_env("replica_cpus")),
+                   help="CPUs Ray reserves per replica (fractions allowed; default: --threads, or 1)")
+    r.add_argument("--replica-gpus", type=float, default=float(_env("replica_gpus", 0)),
+                   help="GPUs per replica (1: one GPU each; 0: CPU)")
     lim = s.add_argument_group("cost caps per request (each answered with a 400 naming the flag)")
     lim.add_argument("--max-n", type=int, default=int(_env("max_n", 128)), help="samples per request")
     lim.add_argument("--max-logit-bias", type=int, default=int(_env("max_logit_bias", 300)),

@@ -229,3 +229,20 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {self.num_threads}")
+
+    # CLI flag names that differ from the field they set (every other field reads the flag of its name).
+    _FLAG_OF = {"num_threads": "threads"}
+
+    @classmethod
+    def from_args(cls, ns: Any) -> "EngineConfig":
+        """The engine config of parsed CLI flags (an argparse Namespace, or anything with the flag
+        attributes). Only here does a Namespace become a config: the server, the Ray replicas,
+        the REPL and the benches all receive the result. A field with no flag keeps its default."""
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            flag = cls._FLAG_OF.get(f.name, f.name)
+            if hasattr(ns, flag):
+                kw[f.name] = getattr(ns, flag)
+        if hasattr(ns, "no_prefix_caching"):
+            kw["enable_prefix_caching"] = not ns.no_prefix_caching
+        return cls(**kw)

@@ -155,3 +155,18 @@ class LLM:
                 eng.abort_request(rid)
             raise
         return [final[r] for r in ids]
+
+
+def load_llm(cfg: EngineConfig) -> LLM:
+    """Build the LLM with progress bars, then report on stderr what was loaded and how long it took
+    (the CLI's ``generate`` and ``chat``)."""
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    llm = LLM.from_config(cfg, progress=True)
+    lm = llm.engine.loaded
+    print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
+          f"{', ' + lm.quantization if lm.quantization else ''}, {lm.device}) in "
+          f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}", file=sys.stderr)
+    return llm

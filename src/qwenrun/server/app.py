@@ -12,7 +12,6 @@ Request bodies are parsed (JSON, then the pydantic models) on a worker thread: a
 body never stalls the event loop. /openapi.json describes the real request bodies."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -33,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .limits import RequestLimits
+from ..settings import ServerConfig
 from .metrics import ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
                        TokenizeRequest, error_body, validation_error)
@@ -48,9 +47,9 @@ _PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # /health and /metrics stay o
 class ServerState:
     """What the routes need; ``serving`` is None until the model has loaded."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.model_name: str = args.served_model_name or args.model
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.model_name: str = cfg.model_name
         self.llm: Any = None
         self.serving: Any = None
         self.load_error: BaseException | None = None
@@ -59,10 +58,12 @@ class ServerState:
         self.server: Any = None  # the uvicorn.Server, told to exit if loading fails or the engine dies
         self.engine_error: BaseException | None = None
         self.chat_template: str | None = None  # --chat-template: replaces the model's own
-        self.limits = RequestLimits(
-            max_n=args.max_n, max_logit_bias=args.max_logit_bias, max_stop=args.max_stop,
-            max_stop_length=args.max_stop_length, max_logprobs=args.max_logprobs,
-            max_echo_logprob_tokens=args.max_echo_logprob_tokens)
+        if cfg.chat_template:
+            try:
+                self.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+            except OSError as e:
+                raise ValueError(f"--chat-template: cannot read {cfg.chat_template}: {e}") from None
+        self.limits = cfg.request_limits()
 
     def ready(self):
         if self.llm is not None and not self.llm.healthy:
@@ -77,13 +78,12 @@ class ServerState:
     def load(self) -> None:
         """Runs on the loader thread."""
         try:
-            from ..cli import engine_config
             from ..engine.async_engine import AsyncLLM
             from .serving import OpenAIServing
 
-            cfg = engine_config(self.args)
+            cfg = self.cfg.engine
             t0 = time.perf_counter()
-            llm = AsyncLLM.from_config(cfg, progress=True, max_waiting=self.args.max_waiting,
+            llm = AsyncLLM.from_config(cfg, progress=True, max_waiting=self.cfg.max_waiting,
                                        on_fatal=self._engine_died)
             lm = llm.engine.loaded
             if self.chat_template is not None and llm.engine.tokenizer is not None:
@@ -96,7 +96,7 @@ class ServerState:
             self.llm = llm
         except BaseException as e:  # noqa: BLE001 - reported by serve_main after the server stops
             self.load_error = e
-            log.error("loading %s failed: %s", self.args.model, e)
+            log.error("loading %s failed: %s", self.cfg.engine.model, e)
             if self.server is not None:
                 self.server.should_exit = True
 
@@ -116,9 +116,9 @@ class Guard:
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
-        key = state.args.api_key
+        key = state.cfg.api_key
         self.key = f"Bearer {key}".encode() if key else None
-        self.max_body = state.args.max_body_bytes
+        self.max_body = state.cfg.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -297,7 +297,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> Response:
         card: dict[str, Any] = {"id": state.model_name, "object": "model", "created": state.created,
-                                "owned_by": "qwenrun", "root": state.args.model}
+                                "owned_by": "qwenrun", "root": state.cfg.engine.model}
         if state.llm is not None:
             card["max_model_len"] = state.llm.engine.max_model_len
         return JSONResponse({"object": "list", "data": [card]})
@@ -325,31 +325,26 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse(await asyncio.to_thread(serving.detokenize, req))
 
     add_tokenizer_info_route(app, state)
-    if not state.args.no_web_ui:
+    if state.cfg.web_ui:
         add_web_ui(app)
     return app
 
 
-def serve_main(args: argparse.Namespace) -> int:
+def serve_main(cfg: ServerConfig) -> int:
     import uvicorn
 
-    if args.max_body_bytes < 1 or args.max_waiting < 1 or args.shutdown_grace < 0:
-        raise ValueError("--max-body-bytes and --max-waiting must be >= 1, --shutdown-grace >= 0")
-    state = ServerState(args)
-    if getattr(args, "chat_template", None):
-        try:
-            state.chat_template = Path(args.chat_template).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"--chat-template: cannot read {args.chat_template}: {e}") from None
-    config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.shutdown_grace, timeout_keep_alive=5)
+    state = ServerState(cfg)
+    # h11 and asyncio, named: installing ray[serve] brings httptools and uvloop, which uvicorn's
+    # "auto" would otherwise switch to; the single server stays the one its tests describe.
+    config = uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level="info", http="h11",
+                            loop="asyncio", timeout_graceful_shutdown=cfg.shutdown_grace, timeout_keep_alive=5)
     server = uvicorn.Server(config)
     state.server = server
     # uvicorn re-raises the signal it shut down on after restoring the previous handler; with
     # Python's default SIGTERM handler the process would then die by signal. A no-op handler
     # makes a graceful SIGTERM shutdown exit 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    print(f"qwenrun: serving '{state.model_name}' on http://{args.host}:{args.port} (loading the model…)",
+    print(f"qwenrun: serving '{state.model_name}' on http://{cfg.host}:{cfg.port} (loading the model…)",
           file=sys.stderr, flush=True)
     server.run()
     if state.load_error is not None:

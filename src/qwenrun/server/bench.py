@@ -8,7 +8,6 @@ same number of tokens on every server. Per request: TTFT (send → first text), 
 latency (gaps between text events), end-to-end latency. One JSON line per concurrency."""
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from ..settings import ServeBenchConfig
 
 # Qwen2 vocabulary: <|endoftext|>, <|im_end|> (the same ids in Qwen1.5, Qwen2 and Qwen2.5).
 QWEN_END_TOKENS = (151643, 151645)
@@ -178,12 +179,9 @@ def parse_concurrency(spec: str) -> list[int]:
     return values
 
 
-def bench_serve_main(args: argparse.Namespace) -> int:
-    levels = parse_concurrency(args.concurrency)
-    if args.input_len < 1 or args.output_len < 1:
-        raise ValueError("--input-len and --output-len must be >= 1")
+def bench_serve_main(args: ServeBenchConfig) -> int:
     try:
-        asyncio.run(run_bench(args.url, args.model, args.api_key, levels, args.num_requests, args.input_len,
+        asyncio.run(run_bench(args.url, args.model, args.api_key, args.concurrency, args.num_requests, args.input_len,
                               args.output_len, args.label))
     except httpx.HTTPError as e:
         print(f"qwenrun: error: cannot benchmark {args.url}: {e}", file=sys.stderr)
