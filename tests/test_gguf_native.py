@@ -145,7 +145,8 @@ def test_concat_stacks_only_matching_layouts():
     x = torch.randn(2, 64)
     assert fused is not None and fused.qtype == "Q5_0+Q8_0"
     assert torch.equal(fused(x), torch.cat([a(x), b(x)], -1))
-    assert GGUFLinear.concat([a, c]) is None  # nibbles vs bytes: kept separate
+    with pytest.raises(ValueError):  # nibbles vs bytes: the model keeps them separate
+        GGUFLinear.concat([a, c])
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -51,11 +51,12 @@ class Qwen2Attention(nn.Module):
         self.window = cfg.sliding_window_for(layer_idx)
         self.scale = self.head_dim ** -0.5
 
-    def fuse_qkv(self, concat: Callable[[list[nn.Module]], nn.Module | None]) -> None:
-        """One projection instead of three: one kernel call, one output buffer per step (unless
-        ``concat`` returns None: e.g. GGUF q/k/v stored in different block formats)."""
-        fused = concat([self.q_proj, self.k_proj, self.v_proj])
-        if fused is None:
+    def fuse_qkv(self, concat: Callable[[list[nn.Module]], nn.Module]) -> None:
+        """One projection instead of three: one kernel call, one output buffer per step (kept
+        separate when ``concat`` refuses: e.g. GGUF q/k/v stored in different block formats)."""
+        try:
+            fused = concat([self.q_proj, self.k_proj, self.v_proj])
+        except ValueError:
             return
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj

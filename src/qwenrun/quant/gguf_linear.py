@@ -231,13 +231,14 @@ class GGUFLinear(_QuantLinear):
                            self.mn, self.G, self.S, self.nib)
 
     @classmethod
-    def concat(cls, mods: list["_QuantLinear"]) -> "_QuantLinear | None":
-        """Rows stack when the layouts agree (q/k/v of one GGUF format); None when they don't."""
+    def concat(cls, mods: list["_QuantLinear"]) -> "_QuantLinear":
+        """Rows stack when the layouts agree (q/k/v of one GGUF format); ValueError when they don't
+        (the model then keeps the projections separate)."""
         first = mods[0]
         key = lambda m: (type(m), m.in_features, m.G, m.S, m.nib, tuple(b is None for b in  # noqa: E731
                                                                           (m.sc, m.dm, m.mn)))
         if any(key(m) != key(first) for m in mods):
-            return None
+            raise ValueError("GGUF linears of different block layouts cannot be stacked")
         fused = super().concat(mods)
         for name in ("sc", "dm", "mn"):  # absent parts stay absent (concat stacks the present ones)
             if name not in fused._buffers:
