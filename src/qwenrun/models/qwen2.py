@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
-from ..layers.attention import AttentionMetadata, paged_attention
+from ..layers import fused
+from ..layers.attention import AttentionMetadata, fused_attention, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary, rope_table
 
@@ -78,9 +79,29 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked after loading (fuse_gate_up)
+
+    def fuse_gate_up(self, concat: Callable[[list[nn.Module]], nn.Module]) -> None:
+        """One projection for gate and up (rows [0, F) gate, [F, 2F) up); kept separate when the
+        two are of kinds that cannot be stacked."""
+        try:
+            self.gate_up_proj = concat([self.gate_proj, self.up_proj])
+        except ValueError:
+            return
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gu = self.gate_up_proj(x)
+            f = gu.shape[-1] // 2
+            return self.down_proj(F.silu(gu[..., :f]) * gu[..., f:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def act(self, ops, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x) with the fused op (x [N, D] on the CPU)."""
+        if self.gate_up_proj is not None:
+            return ops.silu_mul(self.gate_up_proj(x))
+        return ops.silu_mul2(self.gate_proj(x), self.up_proj(x))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -124,11 +145,36 @@ class Qwen2ForCausalLM(nn.Module):
                 cache) -> torch.Tensor:
         """input_ids, positions: [N] → final hidden states [N, D] (normed)."""
         h = self.model.embed_tokens(input_ids)  # [N, D]
+        ops = fused.usable(h)
+        if ops is not None and self.model.norm.weight.dtype == h.dtype and self.rope.device.type == "cpu":
+            return self._forward_fused(ops, h, positions, meta, cache)
         cs = self.rope.index_select(0, positions).to(h.dtype)  # [N, 2, d]
         cos, sin = cs[:, 0:1], cs[:, 1:2]  # [N, 1, d], broadcast over heads
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta, cache)
         return self.model.norm(h)
+
+    def _forward_fused(self, ops, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       cache) -> torch.Tensor:
+        """``forward`` with the fused CPU ops (layers/fused.py): per layer four op calls between
+        the linears (norm, attention, residual + norm, SiLU·mul); the residual stream ``h`` is
+        updated in place. Same arithmetic as the plain path up to reassociation in reductions."""
+        layers = self.model.layers
+        h = h.contiguous()
+        eps = self.config.rms_norm_eps
+        x = ops.rms_norm(h, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            a = layer.self_attn
+            if a.qkv_proj is not None:
+                qkv = a.qkv_proj(x)
+            else:
+                qkv = torch.cat((a.q_proj(x), a.k_proj(x), a.v_proj(x)), dim=-1)
+            o = fused_attention(ops, qkv.contiguous(), a.num_heads, a.num_kv_heads, self.rope, positions, meta,
+                                cache, a.layer_idx, a.window, a.scale)
+            x = ops.add_rms_norm_(h, a.o_proj(o), layer.post_attention_layernorm.weight, eps)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x = ops.add_rms_norm_(h, layer.mlp.down_proj(layer.mlp.act(ops, x)), nxt.weight, eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, D] → [M, V] fp32 logits, only for the rows that need them."""
@@ -186,9 +232,10 @@ class Qwen2ForCausalLM(nn.Module):
         return in_place
 
     def fuse_qkv(self) -> None:
-        """Fuse every layer's q/k/v projections (dense or quantized) into one."""
+        """Fuse every layer's q/k/v projections (dense or quantized) into one, and gate with up."""
         for layer in self.model.layers:
             layer.self_attn.fuse_qkv(concat_linears)
+            layer.mlp.fuse_gate_up(concat_linears)
 
     def _swap(self, name: str, new: nn.Module | None, modules: dict[str, nn.Module]) -> None:
         """Put ``new`` (e.g. a quantized linear) where module ``name`` was."""
