@@ -5,7 +5,7 @@ residuals, attention, sampler, scheduler, output processing, Python dispatch), w
 ops (layers/fused.py) on and off in the same process, rounds interleaved.
 
     .venv/bin/python benchmarks/decode_overhead.py [MODEL] [-q int8|int4|none] [--rounds 12]
-        [--steps 16] [--context 64] [--random-weights]
+        [--steps 16] [--context 64] [--threads N] [--random-weights]
 
 Each round prefills one prompt of --context tokens, then times --steps single-token decode steps
 (batch 1) through LLMEngine.step(). Odd rounds time the bare step; even rounds wrap every linear's
@@ -48,13 +48,22 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as configured, 2 here)")
     ap.add_argument("--modes", default="plain,fused", help="comma list of plain / fused")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     q = None if args.quantization in ("none", "dense", "") else args.quantization
 
+    import qwenrun
     from qwenrun import LLM, SamplingParams
-    from qwenrun.layers import fused
     from qwenrun.outputs import OutputKind
+
+    try:
+        from qwenrun.layers import fused
+    except ImportError:  # a tree from before the fused ops (PYTHONPATH=<old checkout>/src): plain only
+        fused = None
+        args.modes = "plain"
 
     print(f"cpu: {cpu_name()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -62,8 +71,8 @@ def main() -> int:
               random_weights=args.random_weights)
     eng = llm.engine
     model = eng.loaded.model
-    print(f"model {args.model}, quantization {q}, dtype {eng.loaded.dtype}, fused ops available: "
-          f"{fused.ops() is not None}")
+    print(f"qwenrun from {os.path.dirname(qwenrun.__file__)}; model {args.model}, quantization {q}, dtype "
+          f"{eng.loaded.dtype}, fused ops available: {fused is not None and fused.ops() is not None}")
     sp = SamplingParams(temperature=0, max_tokens=args.steps + 1, ignore_eos=True)
     lin_time = [0.0, 0.0]  # wall, main-thread cpu
     lins = [m for name, m in model.named_modules() if name.endswith(("_proj", "lm_head"))]
@@ -88,7 +97,7 @@ def main() -> int:
         prompt = [1000 + (salt * 131 + j * 17) % 50000 for j in range(args.context)]
         eng.block_manager.reset_prefix_cache()
         eng.add_request(f"r{salt}-{mode}", None, sp, prompt_token_ids=prompt, output_kind=OutputKind.DELTA)
-        ctx = fused.disabled() if mode == "plain" else _null()
+        ctx = fused.disabled() if mode == "plain" and fused is not None else _null()
         steps, toks = [], []
         with ctx:
             for o in eng.step():  # prefill (+ first token)

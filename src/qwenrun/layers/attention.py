@@ -156,13 +156,13 @@ def fused_attention(ops, qkv: torch.Tensor, n_heads: int, n_kv: int, rope: torch
         return paged_attention(q, k, v, meta, cache, layer, window, scale).view(n, n_heads * d)
     groups = meta.decode_groups
     if not meta.prefills and len(groups) == 1 and groups[0].end - groups[0].start == n:
-        slots, start = _slot_args(groups[0].slots)
+        slots, start = decode_slot_args(groups[0].slots)
         return ops.decode_step_attention(qkv, rope, positions, cache.data, layer, meta.slot_mapping, slots, start,
                                          groups[0].lens, n_heads, n_kv, window_i, scale)
     ops.rope_store_(qkv, rope, positions, n_heads, n_kv, cache.data, layer, meta.slot_mapping)
     out = torch.empty(n, n_heads * d, dtype=qkv.dtype, device=qkv.device)
     for grp in groups:
-        slots, start = _slot_args(grp.slots)
+        slots, start = decode_slot_args(grp.slots)
         ops.decode_attention_(qkv, cache.data, layer, slots, start, grp.lens, grp.start, n_heads, n_kv, window_i,
                               scale, out)
     if meta.prefills:
@@ -176,7 +176,7 @@ def fused_attention(ops, qkv: torch.Tensor, n_heads: int, n_kv: int, rope: torch
 _NO_SLOTS = torch.empty(0, dtype=torch.long)
 
 
-def _slot_args(slots: torch.Tensor | slice) -> tuple[torch.Tensor, int]:
+def decode_slot_args(slots: torch.Tensor | slice) -> tuple[torch.Tensor, int]:
     """A decode group's slots as the fused op takes them: a [B, L] tensor, or (empty, first slot)."""
     if isinstance(slots, slice):
         return _NO_SLOTS, slots.start

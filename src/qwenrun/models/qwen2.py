@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..layers import fused
-from ..layers.attention import AttentionMetadata, fused_attention, paged_attention
+from ..layers.attention import AttentionMetadata, decode_slot_args, fused_attention, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary, rope_table
 
@@ -97,12 +97,6 @@ class Qwen2MLP(nn.Module):
             return self.down_proj(F.silu(gu[..., :f]) * gu[..., f:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def act(self, ops, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate(x)) * up(x) with the fused op (x [N, D] on the CPU)."""
-        if self.gate_up_proj is not None:
-            return ops.silu_mul(self.gate_up_proj(x))
-        return ops.silu_mul2(self.gate_proj(x), self.up_proj(x))
-
 
 class Qwen2DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -158,22 +152,41 @@ class Qwen2ForCausalLM(nn.Module):
                        cache) -> torch.Tensor:
         """``forward`` with the fused CPU ops (layers/fused.py): per layer four op calls between
         the linears (norm, attention, residual + norm, SiLU·mul); the residual stream ``h`` is
-        updated in place. Same arithmetic as the plain path up to reassociation in reductions."""
-        layers = self.model.layers
+        updated in place. Same arithmetic as the plain path up to reassociation in reductions.
+
+        Per-layer Python is kept to dict lookups: submodules are read from ``_modules`` (always
+        current, no nn.Module.__getattr__ walk), linears are called through ``.forward`` (no
+        hook dispatch; an instance-level ``forward``, as benchmarks install, is still seen), and
+        the all-decode case resolves its attention arguments once per step."""
+        layers = list(self.model.layers._modules.values())
         h = h.contiguous()
         eps = self.config.rms_norm_eps
-        x = ops.rms_norm(h, layers[0].input_layernorm.weight, eps)
+        x = ops.rms_norm(h, layers[0]._modules["input_layernorm"].weight, eps)
+        step = _decode_step_args(meta, cache, h)
+        final = self.model._modules["norm"]
         for i, layer in enumerate(layers):
-            a = layer.self_attn
-            if a.qkv_proj is not None:
-                qkv = a.qkv_proj(x)
+            mods = layer._modules
+            a, mlp = mods["self_attn"], mods["mlp"]
+            am, mm = a._modules, mlp._modules
+            qkv_proj = am.get("qkv_proj")
+            if qkv_proj is not None:
+                qkv = qkv_proj.forward(x).contiguous()
             else:
-                qkv = torch.cat((a.q_proj(x), a.k_proj(x), a.v_proj(x)), dim=-1)
-            o = fused_attention(ops, qkv.contiguous(), a.num_heads, a.num_kv_heads, self.rope, positions, meta,
-                                cache, a.layer_idx, a.window, a.scale)
-            x = ops.add_rms_norm_(h, a.o_proj(o), layer.post_attention_layernorm.weight, eps)
-            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x = ops.add_rms_norm_(h, layer.mlp.down_proj(layer.mlp.act(ops, x)), nxt.weight, eps)
+                qkv = torch.cat((am["q_proj"].forward(x), am["k_proj"].forward(x), am["v_proj"].forward(x)), dim=-1)
+            if step is not None:
+                o = ops.decode_step_attention(qkv, self.rope, positions, cache.data, a.layer_idx, step[0], step[1],
+                                              step[2], step[3], a.num_heads, a.num_kv_heads, a.window or 0, a.scale)
+            else:
+                o = fused_attention(ops, qkv, a.num_heads, a.num_kv_heads, self.rope, positions, meta, cache,
+                                    a.layer_idx, a.window, a.scale)
+            x = ops.add_rms_norm_(h, am["o_proj"].forward(o), mods["post_attention_layernorm"].weight, eps)
+            gate_up = mm.get("gate_up_proj")
+            if gate_up is not None:
+                act = ops.silu_mul(gate_up.forward(x))
+            else:
+                act = ops.silu_mul2(mm["gate_proj"].forward(x), mm["up_proj"].forward(x))
+            nxt = layers[i + 1]._modules["input_layernorm"] if i + 1 < len(layers) else final
+            x = ops.add_rms_norm_(h, mm["down_proj"].forward(act), nxt.weight, eps)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -244,6 +257,17 @@ class Qwen2ForCausalLM(nn.Module):
         parent_name, _, leaf = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else self, leaf, new)
         modules[name] = new
+
+
+def _decode_step_args(meta: AttentionMetadata, cache, h: torch.Tensor):
+    """(slot_mapping, slots, slot_start, lens) when this step is decodes only, in one group, over
+    an unquantized cache in the activations' dtype: one fused attention call per layer."""
+    groups = meta.decode_groups
+    if (meta.prefills or len(groups) != 1 or groups[0].end - groups[0].start != h.shape[0] or cache.quantized
+            or cache.dtype != h.dtype):
+        return None
+    slots, start = decode_slot_args(groups[0].slots)
+    return meta.slot_mapping, slots, start, groups[0].lens
 
 
 def concat_linears(mods: list[nn.Module]) -> nn.Module:
