@@ -10,8 +10,8 @@
 //   decode_attention_(qkv, kv, ...)      one query token per sequence over its cached context
 //                                        (fp32 or bf16 cache read in place, no gather, GQA)
 //
-// Registered with TORCH_LIBRARY (torch.ops.qwenrun_fused.*): the extension's pybind module
-// belongs to quant_kernels.cpp, and a library needs no edit there.
+// Registered with TORCH_LIBRARY (torch.ops.<extension name>.*, see the end of this file): the
+// extension's pybind module belongs to quant_kernels.cpp, and a library needs no edit there.
 //
 // Rounding: elementwise ops round where PyTorch's separate ops round (fp-contract off: no FMA
 // fusing a multiply into the following add), so residual adds and RoPE are bit-identical to the
@@ -464,7 +464,11 @@ torch::Tensor decode_step_attention(torch::Tensor qkv, torch::Tensor rope, torch
 
 }  // namespace
 
-TORCH_LIBRARY(qwenrun_fused, m) {
+// The op namespace is the extension's own name (qwenrun_quant_<hash>): two builds of the library
+// (another source hash, a narrower ISA variant) can then be loaded in one process side by side,
+// where a fixed namespace would make the second registration fail at load time.
+#define QWENRUN_FUSED_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+QWENRUN_FUSED_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("add_rms_norm_(Tensor(a!) h, Tensor r, Tensor w, float eps) -> Tensor", &add_rms_norm_);
   m.def("silu_mul(Tensor gu) -> Tensor", &silu_mul);

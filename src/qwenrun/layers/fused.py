@@ -2,7 +2,7 @@
 linears — RMSNorm with the residual add, RoPE + KV-cache write + decode attention, SiLU·mul — in
 four calls per layer instead of ~25 PyTorch dispatches.
 
-``ops()`` returns the op namespace (``torch.ops.qwenrun_fused``) or ``None``; with ``None`` the
+``ops()`` returns the op namespace (``torch.ops.<kernel extension name>``) or ``None``; with ``None`` the
 model runs its plain PyTorch path, which is also what the equivalence tests compare against.
 The fused ops are off when the kernels are (``QWENRUN_NO_KERNELS=1``, no AVX2, no compiler), with
 ``QWENRUN_NO_FUSED=1``, inside ``disabled()``, and for tensors that are not on the CPU (checked
@@ -24,7 +24,7 @@ def disabled_by_env() -> bool:
 
 
 def ops():
-    """``torch.ops.qwenrun_fused`` when the kernel extension is loaded and has the fused ops."""
+    """The fused ops' namespace when the kernel extension is loaded and has them, else None."""
     global _ops
     if _forced_off or disabled_by_env():
         return None
@@ -32,10 +32,11 @@ def ops():
         from ..quant import kernels
 
         _ops = None
-        if kernels.ops() is not None:  # loading the extension registers the library
+        ext = kernels.ops()
+        if ext is not None:  # loading the extension registered its ops under its own name
             try:
-                ns = torch.ops.qwenrun_fused
-                ns.rms_norm  # noqa: B018 - raises when an older build without fused_ops is loaded
+                ns = getattr(torch.ops, ext.__name__)
+                ns.rms_norm  # noqa: B018 - raises when a build without fused_ops.cpp is loaded
                 _ops = ns
             except (AttributeError, RuntimeError):
                 _ops = None
