@@ -18,7 +18,12 @@ average is printed before and after (the 2 vCPUs here are shared: expect noise).
 CPU time stays meaningful when other processes take the cores away (wall time then includes the
 waits); the linears run on both cores and are reported in wall time only. The fastest step's
 figures (minimum over all timed steps, as timeit advises on a busy machine) bound what the step
-costs without interference."""
+costs without interference.
+
+"greedy tokens identical" compares the modes' tokens round by round. Dense models agree; with
+int8/int4 weights an occasional near-tie flip on these random-token prompts is expected (the
+kernels round activations to int8, which turns ulp-level differences into ~0.05-nat ones; see
+BENCHMARKS.md, "Per-token overhead")."""
 from __future__ import annotations
 
 import argparse
