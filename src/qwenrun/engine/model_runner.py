@@ -33,6 +33,8 @@ class ModelRunner:
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """[end-start] cache slots of positions start..end-1 of seq."""
         bs = self.block_size
+        if end - start == 1:  # a decode: one slot, computed here rather than by five tensor ops
+            return torch.tensor([seq.block_table[start // bs] * bs + start % bs], dtype=torch.long)
         bt = torch.tensor(seq.block_table[start // bs:(end - 1) // bs + 1], dtype=torch.long)
         pos = torch.arange(start, end)
         return bt[(pos // bs) - start // bs] * bs + pos % bs
