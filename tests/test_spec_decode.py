@@ -342,3 +342,50 @@ def test_demo_model_greedy_identical(demo_llm):
     assert spec.token_ids == base.token_ids and spec.text == base.text
     for a, b in zip(spec.logprobs, base.logprobs):
         assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) <= 1e-3
+
+
+# -- metrics and the command line -------------------------------------------------------------------
+def test_metrics_report_acceptance(tiny_dir, prompts):
+    from types import SimpleNamespace
+
+    from qwenrun.server.metrics import ServerMetrics
+
+    llm = make_llm(tiny_dir, speculative_config=NGRAM)
+    llm.generate(prompt_token_ids=prompts[:4], sampling_params=greedy())
+    d, t, a = spec_stats(llm)
+    fake = SimpleNamespace(engine=llm.engine, healthy=True, max_running_seen=4, step_count=1)
+    text = ServerMetrics("tiny", lambda: fake).render().decode()
+    vals = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+            if ln.startswith("qwenrun:spec_decode")}
+    assert vals["qwenrun:spec_decode_num_drafts_total"] == d and vals["qwenrun:spec_decode_num_accepted_tokens_total"] == a
+    assert vals["qwenrun:spec_decode_acceptance_rate"] == pytest.approx(a / t)
+    assert vals["qwenrun:spec_decode_mean_acceptance_length"] == pytest.approx(1 + a / d)
+    plain = SimpleNamespace(engine=make_llm(tiny_dir).engine, healthy=True, max_running_seen=0, step_count=0)
+    assert "spec_decode" not in ServerMetrics("tiny", lambda: plain).render().decode()
+
+
+def test_cli_bad_speculative_config_is_one_line_exit_2():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qwenrun.cli", "serve", "demo", "--speculative-config",
+                        '{"method": "ngram", "num_speculative_tokens": -1}'], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "num_speculative_tokens" in lines[0], r.stderr
+
+
+def test_bench_reports_acceptance(tiny_dir):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "qwenrun.cli", "bench", "latency", str(tiny_dir), "--input-len", "16",
+                        "--output-len", "24", "--repeats", "1", "--warmup", "0", "--max-model-len", "128",
+                        "--kv-cache-memory", "0.01", "--speculative-config", json.dumps(NGRAM)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    dec = [json.loads(ln) for ln in r.stdout.splitlines() if '"decode"' in ln][0]
+    assert dec["speculative"] == "ngram" and 0 <= dec["spec_acceptance_rate"] <= 1
+    assert dec["spec_mean_acceptance_length"] >= 1 and dec["tokens_per_s"] > 0

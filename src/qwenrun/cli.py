@@ -56,6 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
     g.add_argument("--random-weights", action="store_true",
                    default=_env("random_weights", "0").lower() in ("1", "true", "yes"),
                    help="random weights at the model's shapes (speed and memory work)")
+    g.add_argument("--speculative-config", default=_env("speculative_config"),
+                   help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4} or '
+                        '{"method": "draft_model", "model": ..., "num_speculative_tokens": 4}')
 
 
 def engine_config(args: argparse.Namespace):
@@ -66,7 +69,8 @@ def engine_config(args: argparse.Namespace):
         quantization=args.quantization, max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed, num_threads=args.threads, random_weights=args.random_weights)
+        seed=args.seed, num_threads=args.threads, random_weights=args.random_weights,
+        speculative_config=getattr(args, "speculative_config", None))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -142,6 +146,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.app import serve_main
 
+    engine_config(args)  # bad engine flags (e.g. --speculative-config) fail here, before the server starts
     return serve_main(args)
 
 

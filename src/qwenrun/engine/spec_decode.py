@@ -217,6 +217,15 @@ class SpecDecoder:
         self.proposer.release(seq)
 
 
+def spec_metrics(scheduler) -> dict[str, float]:
+    """Acceptance statistics since start (vLLM's spec_decode counters): drafts = verifications of
+    one sequence's proposals; mean_acceptance_length = tokens emitted per verification (accepted
+    proposals + the target's own token)."""
+    d, t, a = scheduler.num_drafts, scheduler.num_draft_tokens, scheduler.num_accepted_tokens
+    return {"num_drafts": d, "num_draft_tokens": t, "num_accepted_tokens": a,
+            "acceptance_rate": a / t if t else 0.0, "mean_acceptance_length": 1 + a / d if d else 0.0}
+
+
 def make_spec_decoder(cfg: SpeculativeConfig | None, engine) -> SpecDecoder | None:
     if cfg is None:
         return None
