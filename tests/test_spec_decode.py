@@ -199,25 +199,32 @@ def test_stops_inside_an_accepted_run(tiny_dir, plain):
     llm = make_llm(tiny_dir, enable_prefix_caching=False, speculative_config=NGRAM)
     steps = record_steps(llm)
     tok = llm.get_tokenizer()
-    prompt = [5, 6, 7, 8, 9] * 5
+    prompt = tok.encode("def add(a, b):\n    return a + b\n" * 3)
     base = llm.generate(prompt_token_ids=[prompt], sampling_params=greedy(40))[0].outputs[0]
     assert base.token_ids == plain.generate(prompt_token_ids=[prompt], sampling_params=greedy(40))[0].outputs[0].token_ids
-    # a token position that was emitted in the middle of a multi-token run
-    ids, pos, seen = base.token_ids, None, 0
+    # a token position emitted in the middle of a multi-token run, and the shortest stop string
+    # whose first occurrence in the text ends with that token
+    ids, found, seen = base.token_ids, None, 0
+    full = tok.decode(ids)
     for s in steps:
         for run in s["runs"].values():
             for j in range(len(run) - 1):
                 p = seen + j
                 text_before, text_at = tok.decode(ids[:p]), tok.decode(ids[:p + 1])
-                piece = text_at[len(text_before):]
-                if (pos is None and ids[p] not in ids[:p] and piece and piece.isprintable()
-                        and text_at.find(piece) == len(text_before)):
-                    pos = (p, piece)
+                if found is None and len(text_at) > len(text_before) and full.startswith(text_at):
+                    for n in range(1, len(text_at) - len(text_before) + 8):
+                        stop = text_at[-n:]
+                        if (stop.isprintable() and "\ufffd" not in stop
+                                and text_at.find(stop) == len(text_at) - n):
+                            found = (p, stop)
+                            break
             seen += len(run)
-    assert pos is not None, "no run long enough to stop inside"
-    p, piece = pos
-    for kw in ({"stop_token_ids": [ids[p]]}, {"stop": [piece]}, {"stop": [piece], "include_stop_str_in_output": True},
-               {"max_tokens": p + 1}):
+    assert found is not None, "no run long enough to stop inside"
+    p, stop = found
+    cases = [{"stop": [stop]}, {"stop": [stop], "include_stop_str_in_output": True}, {"max_tokens": p + 1}]
+    if ids[p] not in ids[:p]:
+        cases.append({"stop_token_ids": [ids[p]]})
+    for kw in cases:
         sp = greedy(**{"max_tokens": 40, **kw})
         a = llm.generate(prompt_token_ids=[prompt], sampling_params=sp)[0].outputs[0]
         b = plain.generate(prompt_token_ids=[prompt], sampling_params=sp)[0].outputs[0]

@@ -189,6 +189,7 @@ class LLMEngine:
             req = self.requests.get(s.seq.request_id)
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        t_step = time.perf_counter()
         try:
             sampled = self.runner.execute(sched)
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
@@ -199,6 +200,7 @@ class LLMEngine:
         self.consecutive_step_failures = 0
         got = self.scheduler.update(sched, sampled)
         if self.spec is not None:
+            self.spec.step_time(sched, time.perf_counter() - t_step)
             for s in sched.scheduled:
                 if s.num_spec and s.seq.seq_id in sampled:
                     self.spec.observe(s.seq, s.num_spec, len(sampled[s.seq.seq_id]) - 1)

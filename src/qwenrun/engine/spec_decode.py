@@ -18,10 +18,10 @@ noise from the sequence's own generator only when row i is reached, one V-draw p
 token as plain decoding does: a seeded request gives the same tokens with or without speculation,
 and greedy output is the same tokens by construction.
 
-Back-off (``SpecPolicy``): per sequence, the proposal length adapts (transformers' heuristic: +2
-after a fully accepted run, -1 otherwise), and after repeated verifications that accepted nothing
-the sequence stops proposing for a cool-down that doubles each time, so open-ended text pays
-almost nothing for the attempt."""
+Back-off (``SpecDecoder``): per sequence, the proposal length is the one with the most expected
+tokens per unit of step cost, from the sequence's measured acceptance and the measured cost of
+verification; when no length pays, the sequence stops proposing for a cool-down that doubles each
+time, so open-ended text pays almost nothing for the attempt."""
 from __future__ import annotations
 
 import logging
@@ -146,28 +146,57 @@ class NgramProposer:
 
 
 class _SeqSpec:
-    """Per-sequence proposer state: the back-off policy and the n-gram index."""
+    """Per-sequence proposer state: the acceptance estimate, the back-off and the n-gram index."""
 
-    __slots__ = ("k", "fails", "cooldown", "skip", "index", "indexed")
+    __slots__ = ("acc", "trials", "skip", "cooldown", "probe", "index", "indexed")
 
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.fails = 0  # consecutive verifications that accepted nothing
-        self.cooldown = 0  # steps to sit out after the next run of failures
+    def __init__(self) -> None:
+        # decayed counts of accepted proposals and of proposals tried (a run stops at the first
+        # rejection): per-token acceptance p = (acc + 1) / (trials + 2), starting optimistic
+        self.acc, self.trials = 2.0, 2.0
         self.skip = 0  # steps left without proposing
+        self.cooldown = 0  # the next back-off's length (doubles while proposing does not pay)
+        self.probe = False  # after a back-off: one short proposal to re-measure acceptance
         self.index: dict[int, list[int]] = {}
         self.indexed = 0
 
+    @property
+    def p(self) -> float:
+        return (self.acc + 1) / (self.trials + 2)
+
 
 class SpecDecoder:
-    """Drives one proposer for the engine: proposals before the step, feedback after it."""
+    """Drives one proposer for the engine: proposals before the step, feedback after it.
 
-    FAILS_BEFORE_BACKOFF = 2
-    MAX_COOLDOWN = 256
+    How many tokens to propose (per sequence, per step) is the k that maximises expected tokens
+    per step over the step's cost, E(k) / C(k) with E(k) = (1 - p^(k+1)) / (1 - p) for the
+    sequence's per-token acceptance p (Leviathan et al. 2023, section 3.5) and C(k) = 1 + alpha*k
+    the cost of verifying k+1 rows relative to a plain step; alpha is measured online from
+    single-sequence steps (the batch-1 case that speculation is for; it starts at ALPHA0). When no k
+    pays (E/C < 1), the sequence stops proposing for a cool-down that doubles each time (4 .. 256
+    steps), then probes with one proposed token."""
+
+    ALPHA0 = 0.15
+    MIN_GAIN = 1.05  # propose only when the expected gain beats plain decoding by this much
+    DECAY = 0.7  # weight of the past in the acceptance counts, per verification
+    MIN_COOLDOWN, MAX_COOLDOWN = 4, 256
 
     def __init__(self, cfg: SpeculativeConfig, proposer) -> None:
         self.cfg = cfg
         self.proposer = proposer
+        self.alpha = self.ALPHA0
+        self._t_plain: float | None = None  # EMA seconds of a plain single-sequence decode step
+
+    def best_k(self, p: float) -> int:
+        """The proposal length with the most tokens per unit of cost, or 0 if none beats plain."""
+        best, best_gain, e, pk = 0, self.MIN_GAIN, 1.0, 1.0
+        for k in range(1, self.cfg.num_speculative_tokens + 1):
+            pk *= p
+            e += pk  # E(k) = 1 + p + ... + p^k
+            gain = e / (1 + self.alpha * k)
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best
 
     def propose(self, running: list[Sequence], max_model_len: int) -> None:
         seqs, ks = [], []
@@ -179,11 +208,17 @@ class SpecDecoder:
                 continue  # the grammar state is advanced per accepted token only: no look-ahead
             st = seq.spec_state
             if st is None:
-                st = seq.spec_state = _SeqSpec(self.cfg.num_speculative_tokens)
+                st = seq.spec_state = _SeqSpec()
             if st.skip:
                 st.skip -= 1
+                if not st.skip:
+                    st.probe = True
                 continue
-            k = st.k
+            k = 1 if st.probe else self.best_k(st.p)
+            if not k:
+                st.cooldown = min(self.MAX_COOLDOWN, max(self.MIN_COOLDOWN, 2 * st.cooldown))
+                st.skip = st.cooldown
+                continue
             p = seq.params
             if p.max_tokens is not None:
                 k = min(k, p.max_tokens - seq.num_output_tokens - 1)  # the final token is free
@@ -201,17 +236,26 @@ class SpecDecoder:
         st = seq.spec_state
         if st is None:
             return
-        if accepted == proposed:
-            st.k = min(self.cfg.num_speculative_tokens, st.k + 2)
-        else:
-            st.k = max(1, st.k - 1)
-        if accepted:
-            st.fails, st.cooldown = 0, 0
+        st.acc = self.DECAY * st.acc + accepted
+        st.trials = self.DECAY * st.trials + accepted + (accepted < proposed)
+        if st.probe:
+            st.probe = False
+            if accepted:
+                st.cooldown = 0  # acceptance is back: proposals pay again
+                st.acc, st.trials = max(st.acc, 2.0), max(st.trials, 2.0)  # ... so re-open the estimate
+
+    def step_time(self, sched, seconds: float) -> None:
+        """Learn the verification cost from single-sequence decode steps."""
+        if len(sched.scheduled) != 1:
             return
-        st.fails += 1
-        if st.fails >= self.FAILS_BEFORE_BACKOFF:
-            st.cooldown = min(self.MAX_COOLDOWN, max(4, 2 * st.cooldown))
-            st.skip, st.fails = st.cooldown, 0
+        s = sched.scheduled[0]
+        if s.num_tokens != 1 + s.num_spec or not s.samples:
+            return
+        if not s.num_spec:
+            self._t_plain = seconds if self._t_plain is None else 0.8 * self._t_plain + 0.2 * seconds
+        elif self._t_plain:
+            a = (seconds / self._t_plain - 1) / s.num_spec
+            self.alpha = min(2.0, max(0.01, 0.8 * self.alpha + 0.2 * a))
 
     def release(self, seq: Sequence) -> None:
         self.proposer.release(seq)
