@@ -257,6 +257,48 @@ def test_penalties_and_min_tokens_see_the_proposals(tiny_dir, prompts):
     assert_same(outs, ref)
 
 
+class _Oracle:
+    """Proposes from a known continuation: right (the reference tokens) or always wrong."""
+
+    def __init__(self, ref: list[int], prompt_len: int, right: bool, vocab: int) -> None:
+        self.ref, self.n0, self.right, self.vocab = ref, prompt_len, right, vocab
+
+    def propose(self, seqs, ks):
+        out = []
+        for s, k in zip(seqs, ks):
+            nxt = self.ref[s.num_tokens - self.n0:s.num_tokens - self.n0 + k]
+            out.append(nxt if self.right else [(t + 1) % self.vocab for t in nxt])
+        return out
+
+    def release(self, seq):
+        pass
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_back_off_when_proposals_fail(tiny_dir, plain, right):
+    """At a fixed verification cost (alpha = 0.2), always-wrong proposals are soon tried rarely,
+    always-right ones on (almost) every step; the tokens are the plain ones either way."""
+    from qwenrun.engine.spec_decode import SpecDecoder
+
+    prompt = [7, 8, 9, 10]
+    sp = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True, repetition_penalty=1.0)
+    ref = plain.generate(prompt_token_ids=[prompt], sampling_params=sp)[0].outputs[0].token_ids
+    llm = make_llm(tiny_dir)
+    eng = llm.engine
+    dec = SpecDecoder(SpeculativeConfig.parse(NGRAM), _Oracle(ref, len(prompt), right, eng.model_config.vocab_size))
+    dec.alpha = 0.2
+    dec.step_time = lambda sched, seconds: None  # keep the cost fixed: this tests the policy
+    eng.spec = dec
+    steps = record_steps(llm)
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=sp)[0].outputs[0].token_ids
+    assert out == ref
+    drafts, proposed, accepted = spec_stats(llm)
+    if right:
+        assert accepted == proposed and len(steps) < 150 / 3
+    else:
+        assert accepted == 0 and drafts <= 0.12 * 150, drafts  # mostly plain steps after the first failures
+
+
 # -- sampling ---------------------------------------------------------------------------------------
 def sample(**kw):
     return SamplingParams(**{"temperature": 0.8, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.0,

@@ -152,7 +152,7 @@ class _SeqSpec:
 
     def __init__(self) -> None:
         # decayed counts of accepted proposals and of proposals tried (a run stops at the first
-        # rejection): per-token acceptance p = (acc + 1) / (trials + 2), starting optimistic
+        # rejection): per-token acceptance p = (acc + 0.5) / (trials + 1), starting optimistic
         self.acc, self.trials = 2.0, 2.0
         self.skip = 0  # steps left without proposing
         self.cooldown = 0  # the next back-off's length (doubles while proposing does not pay)
@@ -162,7 +162,7 @@ class _SeqSpec:
 
     @property
     def p(self) -> float:
-        return (self.acc + 1) / (self.trials + 2)
+        return (self.acc + 0.5) / (self.trials + 1)
 
 
 class SpecDecoder:
@@ -178,7 +178,7 @@ class SpecDecoder:
 
     ALPHA0 = 0.15
     MIN_GAIN = 1.05  # propose only when the expected gain beats plain decoding by this much
-    DECAY = 0.7  # weight of the past in the acceptance counts, per verification
+    DECAY = 0.8  # weight of the past in the acceptance counts, per verification
     MIN_COOLDOWN, MAX_COOLDOWN = 4, 256
 
     def __init__(self, cfg: SpeculativeConfig, proposer) -> None:
