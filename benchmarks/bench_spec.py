@@ -183,7 +183,7 @@ def verify_costs(eng, ids, args):
     """Seconds per decode step with k forced proposals (k+1 rows verified) vs plain 1-row steps,
     measured in one run per k with the two kinds of step interleaved (a shared machine's load
     drifts; neighbouring steps see the same load): ratio = median(spec steps) / median(plain steps)."""
-    ks = sorted({1, 2, 3, 5, 8} | {args.k})
+    ks = sorted({int(x) for x in args.cost_ks.split(",")} | {args.k})
     sec, ratio, plain_all = {}, {}, []
     for k in ks:
         spec = _NoBackoff(SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": k}), _Forced(k))
@@ -247,7 +247,7 @@ def step_cost(eng, ids, spec, steps):
 
 def part2(args, out):
     llm = LLM("Qwen/Qwen1.5-4B-Chat", random_weights=True, quantization=args.quantization, kv_cache_memory=1.0,
-              max_model_len=2048)
+              max_model_len=1024)
     eng = llm.engine
     tok = eng.tokenizer
     if tok is None:
@@ -275,13 +275,13 @@ def part2(args, out):
     # (c) ngram end to end on random weights (back-off on)
     cfg = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": args.k})
     e2e = []
-    for r in range(args.repeats):
+    for r in range(args.repeats_4b):
         set_spec(eng, None)
         eng.block_manager.reset_prefix_cache()
-        p = timed_run(eng, ids, args.open_tokens, f"4bp{r}")
+        p = timed_run(eng, ids, args.tokens_4b, f"4bp{r}")
         set_spec(eng, make_spec_decoder(cfg, eng))
         eng.block_manager.reset_prefix_cache()
-        s = timed_run(eng, ids, args.open_tokens, f"4bs{r}")
+        s = timed_run(eng, ids, args.tokens_4b, f"4bs{r}")
         set_spec(eng, None)
         e2e.append((p["decode_tps"], s["decode_tps"], p["tokens"] == s["tokens"]))
     res["ngram_random_weights"] = {"plain_tps": round(statistics.median(x[0] for x in e2e), 3),
@@ -319,6 +319,9 @@ def main():
     ap.add_argument("--edit-tokens", type=int, default=200)
     ap.add_argument("--open-tokens", type=int, default=128)
     ap.add_argument("--cost-steps", type=int, default=8)
+    ap.add_argument("--cost-ks", default="1,2,3,5,8", help="proposal lengths whose verification cost is measured")
+    ap.add_argument("--tokens-4b", type=int, default=48, help="output tokens of the 4B end-to-end runs")
+    ap.add_argument("--repeats-4b", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quantization == "none":

@@ -252,6 +252,8 @@ class LLMEngine:
         """Detokenize the step's tokens one at a time, checking stop strings after each: a stop
         string inside an accepted speculative run ends the sequence at that token, as plain
         decoding would have, and the tokens after it are taken back."""
+        if len(added) == 1:  # plain decoding: one token, flushed if the sequence has finished
+            return self.output_processor.process(seq, added)
         for j, tok in enumerate(added):
             last = j == len(added) - 1
             stop = self.output_processor.process(seq, [tok], final=last and seq.is_finished)
