@@ -174,6 +174,7 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_step = time.perf_counter()  # the proposer's time counts in the step's cost
         if self.spec is not None:
             try:
                 self.spec.propose(self.scheduler.running, self.max_model_len)
@@ -189,7 +190,6 @@ class LLMEngine:
             req = self.requests.get(s.seq.request_id)
             if req is not None and req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        t_step = time.perf_counter()
         try:
             sampled = self.runner.execute(sched)
         except Exception as e:  # noqa: BLE001 - fail this step's requests, keep the engine
