@@ -104,7 +104,19 @@ def _header(args: BenchConfig, eng, limits: dict) -> dict:
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
         "kv_cache_dtype": args.engine.kv_cache_dtype, "commit": _commit(), **{k: round(v, 2) for k, v in limits.items()},
+        **({"speculative": eng.config.speculative_config.method} if eng.spec is not None else {}),
     }
+
+
+def _spec_fields(eng) -> dict:
+    """Acceptance rate and mean accepted length, when speculating."""
+    if eng.spec is None:
+        return {}
+    from .engine.spec_decode import spec_metrics
+
+    m = spec_metrics(eng.scheduler)
+    return {"spec_acceptance_rate": round(m["acceptance_rate"], 3),
+            "spec_mean_acceptance_length": round(m["mean_acceptance_length"], 3)}
 
 
 def _emit(rec: dict) -> None:
@@ -131,6 +143,7 @@ def run_latency(args: BenchConfig, eng, limits: dict) -> None:
                         output_kind=OutputKind.DELTA)  # as the server streams: no per-step history copies
         t0 = time.perf_counter()
         steps = []
+        gen0 = eng.stats["generation_tokens"]
         while eng.has_unfinished_requests():
             eng.step()
             steps.append(time.perf_counter())
@@ -139,7 +152,8 @@ def run_latency(args: BenchConfig, eng, limits: dict) -> None:
         t_first = steps[n_prefill - 1]
         if r >= args.warmup:
             pre.append(args.input_len / (t_first - t0))
-            dec.append((len(steps) - n_prefill) / (steps[-1] - t_first))
+            # tokens, not steps, after the first (a speculative step can emit several)
+            dec.append((eng.stats["generation_tokens"] - gen0 - 1) / (steps[-1] - t_first))
     p, d = statistics.median(pre), statistics.median(dec)
     kv_read = eng.plan.bytes_per_token * (args.input_len + args.output_len / 2)
     gbps = (wbytes + kv_read) * d / 1e9
@@ -150,7 +164,7 @@ def run_latency(args: BenchConfig, eng, limits: dict) -> None:
            "pct_of_compute_peak": sig(100 * gflops / _peak(limits, eng.loaded.dtype))})
     _emit({**base, "bench": "decode", "batch": 1, "context": args.input_len, "output_len": args.output_len,
            "tokens_per_s": round(d, 2), "weight_gb": round(wbytes / 1e9, 3), "gbps": round(gbps, 2),
-           "pct_of_mem_ceiling": sig(100 * gbps / limits["mem_read_gbps"]),
+           "pct_of_mem_ceiling": sig(100 * gbps / limits["mem_read_gbps"]), **_spec_fields(eng),
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
 
 
@@ -186,7 +200,7 @@ def run_throughput(args: BenchConfig, eng, limits: dict) -> None:
                "seconds": round(statistics.median(r[2] for r in results), 2),
                "decode_gflops": sig(gflops),
                "pct_of_compute_peak": sig(100 * gflops / _peak(limits, eng.loaded.dtype)),
-               "decode_weight_gbps": round(wbytes * dec / b / 1e9, 2),
+               "decode_weight_gbps": round(wbytes * dec / b / 1e9, 2), **_spec_fields(eng),
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)})
 
 

@@ -56,6 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
     g.add_argument("--random-weights", action="store_true",
                    default=_env("random_weights", "0").lower() in ("1", "true", "yes"),
                    help="random weights at the model's shapes (speed and memory work)")
+    g.add_argument("--speculative-config", default=_env("speculative_config"),
+                   help='speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4} or '
+                        '{"method": "draft_model", "model": ..., "num_speculative_tokens": 4}')
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

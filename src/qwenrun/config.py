@@ -202,8 +202,14 @@ class EngineConfig:
     num_threads: int | None = None
     random_weights: bool = False  # build the config with random weights (benchmarks)
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # speculative decoding (vLLM's speculative_config): a dict / JSON string, checked into a
+    # SpeculativeConfig here; None = off
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
+        from .engine.spec_config import SpeculativeConfig  # local: config sits below the engine
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError("model must be a hub id, a local directory, a .gguf file or 'demo'")
         if self.dtype not in DTYPES:

@@ -138,6 +138,23 @@ class BlockManager:
             seq.block_hashes.append(h)
             seq.num_hashed_blocks += 1
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Keep only the blocks that positions [0, num_tokens) need; release the tail (speculative
+        decoding rolls back the slots of rejected tokens). Their KV is never read: a slot past
+        ``num_computed_tokens`` is rewritten before any attention sees it, and only blocks full
+        of computed tokens are ever registered in the prefix cache."""
+        keep = self.blocks_needed(num_tokens)
+        assert keep >= seq.num_hashed_blocks, "cannot truncate into prefix-cached blocks"
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            b = self.blocks[bid]
+            b.ref_count -= 1
+            assert b.ref_count >= 0, f"block {bid} released twice"
+            if b.ref_count == 0:
+                self.free[bid] = None
+                if b.hash is None:
+                    self.free.move_to_end(bid, last=False)
+
     def free_seq(self, seq: Sequence) -> None:
         """Release all of seq's blocks. Tail blocks are released first so that, among a
         sequence's cached blocks, the deepest (least reusable) are evicted first."""

@@ -30,6 +30,7 @@ from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .spec_decode import make_spec_decoder
 from .structured import GrammarCompiler
 
 log = logging.getLogger("qwenrun")
@@ -85,6 +86,9 @@ class LLMEngine:
         self.structured = GrammarCompiler(self.tokenizer, lm.config.vocab_size, self._eos)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "failed": 0}
         self.consecutive_step_failures = 0
+        self.spec = make_spec_decoder(config.speculative_config, self)  # None: no speculation
+        if self.spec is not None:
+            self.scheduler.on_finish = self.spec.release
 
     # -- requests -----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | None, prompt_token_ids: list[int] | None) -> list[int]:
@@ -170,6 +174,14 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_step = time.perf_counter()  # the proposer's time counts in the step's cost
+        if self.spec is not None:
+            try:
+                self.spec.propose(self.scheduler.running, self.max_model_len)
+            except Exception:  # noqa: BLE001 - a proposer failure costs speed, never a request
+                log.exception("speculative proposal failed; decoding this step without it")
+                for seq in self.scheduler.running:
+                    seq.spec_token_ids = []
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -187,19 +199,24 @@ class LLMEngine:
             return [o for rid in rids if (o := self.fail_request(rid, f"the model step failed: {e!r}")) is not None]
         self.consecutive_step_failures = 0
         got = self.scheduler.update(sched, sampled)
+        if self.spec is not None:
+            self.spec.step_time(sched, time.perf_counter() - t_step)
+            for s in sched.scheduled:
+                if s.num_spec and s.seq.seq_id in sampled:
+                    self.spec.observe(s.seq, s.num_spec, len(sampled[s.seq.seq_id]) - 1)
         changed: dict[str, Request] = {}
         failed: dict[str, str] = {}
         now = time.time()
-        for seq in got:
+        for seq, added in got:
             req = self.requests.get(seq.request_id)
             if req is None or req.request_id in failed:
                 continue
-            self.stats["generation_tokens"] += 1
+            self.stats["generation_tokens"] += len(added)
             if seq.grammar is not None and seq.grammar.error is not None:
                 failed[req.request_id] = f"structured output failed: {seq.grammar.error}"
                 continue
             try:
-                stop = self.output_processor.process(seq, [seq.token_ids[-1]])
+                stop = self._process_text(seq, added)
                 if stop is not None:
                     self.scheduler.finish(seq, "stop", stop)
                 elif seq.is_finished:
@@ -230,6 +247,25 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         return outputs
+
+    def _process_text(self, seq: Sequence, added: list[int]) -> str | None:
+        """Detokenize the step's tokens one at a time, checking stop strings after each: a stop
+        string inside an accepted speculative run ends the sequence at that token, as plain
+        decoding would have, and the tokens after it are taken back."""
+        if len(added) == 1:  # plain decoding: one token, flushed if the sequence has finished
+            return self.output_processor.process(seq, added)
+        for j, tok in enumerate(added):
+            last = j == len(added) - 1
+            stop = self.output_processor.process(seq, [tok], final=last and seq.is_finished)
+            if stop is not None:
+                if not last:
+                    n = len(added) - 1 - j
+                    seq.drop_last_tokens(n)
+                    self.stats["generation_tokens"] -= n
+                    if seq.is_finished:  # a token-level stop after the stop string: the string came first
+                        seq.finish_reason, seq.stop_reason = "stop", stop
+                return stop
+        return None
 
     def fail_request(self, request_id: str, message: str, req: Request | None = None) -> RequestOutput | None:
         """End a request with an error (its blocks freed); its last output carries ``error``."""

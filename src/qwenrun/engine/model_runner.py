@@ -1,8 +1,11 @@
 """ModelRunner: SchedulerOutput → one forward over a flat token batch → sampled tokens.
 
 Batch order: single-token steps (decodes) first, attended together in one padded batch, then
-multi-token spans (prefill chunks). The LM head runs only on rows that need logits: each sampling
-sequence's last token, and prompt positions of requests that asked for prompt_logprobs."""
+multi-token spans (prefill chunks, and a decoding sequence's last token followed by the tokens
+proposed for it: speculative decoding's verification is a short span like a prefill chunk). The
+LM head runs only on rows that need logits: each sampling sequence's last token (and its proposed
+tokens), and prompt positions of requests that asked for prompt_logprobs. Proposals are verified
+in engine/spec_decode.py; a step returns a list of tokens per sequence."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +15,7 @@ from .kv_cache import KVCache
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .sequence import Sequence
+from .spec_decode import verify
 
 _PROMPT_LOGPROB_ROWS = 256  # LM-head rows per chunk for prompt_logprobs ([rows, V] fp32 each)
 
@@ -33,13 +37,16 @@ class ModelRunner:
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """[end-start] cache slots of positions start..end-1 of seq."""
         bs = self.block_size
+        if end - start == 1:  # a decode: one slot, computed here rather than by five tensor ops
+            return torch.tensor([seq.block_table[start // bs] * bs + start % bs], dtype=torch.long)
         bt = torch.tensor(seq.block_table[start // bs:(end - 1) // bs + 1], dtype=torch.long)
         pos = torch.arange(start, end)
         return bt[(pos // bs) - start // bs] * bs + pos % bs
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[int, int]:
-        """Run one step; returns {seq_id: sampled token}. Appends logprobs to the sequences."""
+    def execute(self, sched: SchedulerOutput) -> dict[int, list[tuple[int, dict[int, float] | None]]]:
+        """Run one step; returns {seq_id: [(token, logprobs or None), ...]} for every sequence
+        that samples: the accepted proposals, then the target model's own next token."""
         dev = self.device
         # decodes first, shortest context first (so decode groups pad little), then prefill spans
         items = sorted(sched.scheduled, key=lambda s: (s.num_tokens > 1, s.start if s.num_tokens == 1 else 0))
@@ -47,7 +54,8 @@ class ModelRunner:
         ids: list[int] = []
         pos_parts, slot_parts = [], []
         for s in items:
-            ids.extend(s.seq.token_ids[s.start:s.start + s.num_tokens])
+            ids.extend(s.seq.token_ids[s.start:s.start + s.num_tokens - s.num_spec])
+            ids.extend(s.spec)
             pos_parts.append(torch.arange(s.start, s.start + s.num_tokens))
             slot_parts.append(self._slots(s.seq, s.start, s.start + s.num_tokens))
         positions = torch.cat(pos_parts)
@@ -69,29 +77,27 @@ class ModelRunner:
         self.num_steps += 1
         self.max_batch_seqs = max(self.max_batch_seqs, len(items))
 
-        # Rows to sample: the last token of every sequence that finishes its pending tokens.
-        sample_rows, sample_seqs, offset = [], [], 0
+        # Rows to sample: the last token of every sequence that finishes its pending tokens, and
+        # the proposed tokens after it.
+        sample_rows, sample_items, offset = [], [], 0
         for s in items:
             if s.samples:
-                sample_rows.append(offset + s.num_tokens - 1)
-                sample_seqs.append(s.seq)
+                last = offset + s.num_tokens - 1
+                sample_rows.extend(range(last - s.num_spec, last + 1))
+                sample_items.append(s)
             if s.seq.wants_prompt_logprobs:
                 self._prompt_logprobs(s, hidden[offset:offset + s.num_tokens])
             offset += s.num_tokens
         if not sample_rows:
             return {}
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [B, V] fp32
-        for seq in sample_seqs:
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [rows, V] fp32
+        for s in sample_items:
+            seq = s.seq
             if seq.generator is None and seq.params.temperature != 0:
                 seq.generator = torch.Generator(device=dev)
                 seq.generator.manual_seed(seq.seed if seq.seed is not None else 0)
-        result = self.sampler(logits, sample_seqs)
-        for seq, tok, lp in zip(sample_seqs, result.token_ids, result.logprobs):
-            if lp is not None:
-                seq.logprobs.append(lp)
-                seq.cumulative_logprob += lp[tok]
-        return {seq.seq_id: tok for seq, tok in zip(sample_seqs, result.token_ids)}
+        return verify(self.sampler, logits, [(s.seq, s.spec) for s in sample_items])
 
     def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[tuple[int, int]]:
         """Split decodes (sorted by context length) into runs whose rows x longest context fit

@@ -33,15 +33,16 @@ class OutputProcessor:
             st = seq.user_data = _SeqText(detok, holdback=hold)
         return st
 
-    def process(self, seq: Sequence, new_tokens: list[int]) -> str | None:
+    def process(self, seq: Sequence, new_tokens: list[int], final: bool | None = None) -> str | None:
         """Add seq's new tokens to its text. Returns the stop string that matched, if any (the
-        caller then finishes the sequence)."""
+        caller then finishes the sequence). ``final`` (default: whether seq has finished): flush
+        the detokenizer's held bytes after these tokens."""
         st = self._state(seq)
         if st.detok is None:
             return None
         prev = len(st.text)
         st.text += st.detok.add(new_tokens)
-        if seq.is_finished:
+        if seq.is_finished if final is None else final:
             st.text += st.detok.flush()
         best: tuple[int, str] | None = None  # earliest match wins
         for stop in seq.params.stop_strings:

@@ -34,6 +34,12 @@ def _needs_counts(p) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def _plain_greedy(s: Sequence, p) -> bool:
+    """Greedy with no logprobs, bias, EOS ban, penalty or grammar: the argmax of the raw logits."""
+    return (p.temperature == 0 and p.logprobs is None and not p.logit_bias and s.grammar is None
+            and not (p.min_tokens and s.num_output_tokens < p.min_tokens) and not _needs_counts(p))
+
+
 class Sampler:
     def __init__(self, vocab_size: int, valid_vocab: int | None = None) -> None:
         self.vocab_size = vocab_size
@@ -45,6 +51,10 @@ class Sampler:
         B, V = logits.shape
         dev = logits.device
         params = [s.params for s in seqs]
+        if all(_plain_greedy(s, p) for s, p in zip(seqs, params)):
+            # greedy with nothing to apply: argmax over the valid ids, no copy of the logits
+            valid = logits if self.valid_vocab is None else logits[:, :self.valid_vocab]
+            return SampleResult(valid.argmax(dim=-1).tolist(), [None] * B)
         want_lp = [p.logprobs is not None for p in params]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         logits = logits.clone()

@@ -51,6 +51,10 @@ class Sequence:
         # structured output: the grammar matcher (engine/structured.py), advanced by append_token
         # alone. Preemption keeps the tokens (recompute), so the state never needs rolling back.
         self.grammar: Any = None
+        # speculative decoding: the tokens proposed for this step (verified, never appended
+        # unverified) and the proposer's per-sequence state (engine/spec_decode.py)
+        self.spec_token_ids: list[int] = []
+        self.spec_state: Any = None
 
     # -- token accounting -------------------------------------------------------------------
     @property
@@ -85,10 +89,27 @@ class Sequence:
             return False
         return True
 
-    def append_token(self, token_id: int) -> None:
+    def append_token(self, token_id: int, logprob: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+            self.cumulative_logprob += logprob[token_id]
         if self.grammar is not None:
             self.grammar.accept(token_id)
+
+    def drop_last_tokens(self, n: int) -> None:
+        """Take back the last n generated tokens (a stop string matched before them in a
+        speculative run). Only for a sequence that is finishing: its KV and grammar are not rolled back."""
+        if n <= 0:
+            return
+        assert n <= self.num_output_tokens
+        del self.token_ids[-n:]
+        if self.logprobs:
+            del self.logprobs[-n:]
+            total = 0.0  # summed again in order: the same float as plain decoding's running sum
+            for tok, lp in zip(self.output_token_ids, self.logprobs):
+                total += lp[tok]
+            self.cumulative_logprob = total
 
     def check_token_stop(self) -> bool:
         """Stop conditions decided by the last token alone: EOS, stop_token_ids, max_tokens, context.

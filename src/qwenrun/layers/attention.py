@@ -88,8 +88,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
                     layer: int, window: int | None, scale: float) -> torch.Tensor:
     """q: [N, H, d]; k, v: [N, Hkv, d] (post-RoPE). Returns [N, H, d]."""
     cache.write(layer, meta.slot_mapping, k, v)
-    n_heads, n_kv = q.shape[1], k.shape[1]
-    gqa = n_heads != n_kv
+    gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     for g, grp in enumerate(meta.decode_groups):
         qd = q[grp.start:grp.end]
@@ -104,6 +103,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
                 attn_mask=meta.decode_mask(g, window), scale=scale, enable_gqa=gqa)[:, :, 0, :]
             del kd, vd  # free this group's gather before the next one's
         out[grp.start:grp.end] = od
+    prefill_attention(q, k, v, meta, cache, layer, window, scale, out)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, cache,
+                      layer: int, window: int | None, scale: float, out: torch.Tensor) -> None:
+    """The prefill spans of ``meta``: their rows of ``out`` [N, H, d] (K/V already in the cache)."""
+    n_heads = q.shape[1]
+    gqa = n_heads != k.shape[1]
     for i, p in enumerate(meta.prefills):
         s, e = p.start, p.start + p.num_tokens
         if p.slots is None:
@@ -124,8 +132,52 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
                 o = F.scaled_dot_product_attention(qs, kt[:, :, :kend], vt[:, :, :kend], attn_mask=m,
                                                    scale=scale, enable_gqa=gqa)
             out[s + r0:s + r1] = o[0].transpose(0, 1)
-    return out
 
 
 def _causal_rows(r0: int, r1: int, ctx: int, device) -> torch.Tensor:
     return torch.arange(ctx, device=device)[None, :] <= torch.arange(r0, r1, device=device)[:, None]
+
+
+def fused_attention(ops, qkv: torch.Tensor, n_heads: int, n_kv: int, rope: torch.Tensor, positions: torch.Tensor,
+                    meta: AttentionMetadata, cache, layer: int, window: int | None, scale: float) -> torch.Tensor:
+    """``paged_attention`` with the fused CPU ops (layers/fused.py), straight from the qkv
+    projection's output [N, (H + 2 Hkv) d] (pre-RoPE; rotated in place). Returns [N, H * d].
+
+    RoPE and the KV write are one call; decodes attend the fp32/bf16 cache in place (no gather,
+    no mask tensor); an all-decode step with one group is a single call per layer. An int8 cache,
+    or one in another dtype than the activations, keeps the plain write and attention."""
+    n, d = qkv.shape[0], rope.shape[-1]
+    window_i = window or 0
+    if cache.quantized or cache.dtype != qkv.dtype:
+        ops.rope_store_(qkv, rope, positions, n_heads, n_kv, None, 0, None)
+        q = qkv[:, :n_heads * d].view(n, n_heads, d)
+        k = qkv[:, n_heads * d:(n_heads + n_kv) * d].view(n, n_kv, d)
+        v = qkv[:, (n_heads + n_kv) * d:].view(n, n_kv, d)
+        return paged_attention(q, k, v, meta, cache, layer, window, scale).view(n, n_heads * d)
+    groups = meta.decode_groups
+    if not meta.prefills and len(groups) == 1 and groups[0].end - groups[0].start == n:
+        slots, start = decode_slot_args(groups[0].slots)
+        return ops.decode_step_attention(qkv, rope, positions, cache.data, layer, meta.slot_mapping, slots, start,
+                                         groups[0].lens, n_heads, n_kv, window_i, scale)
+    ops.rope_store_(qkv, rope, positions, n_heads, n_kv, cache.data, layer, meta.slot_mapping)
+    out = torch.empty(n, n_heads * d, dtype=qkv.dtype, device=qkv.device)
+    for grp in groups:
+        slots, start = decode_slot_args(grp.slots)
+        ops.decode_attention_(qkv, cache.data, layer, slots, start, grp.lens, grp.start, n_heads, n_kv, window_i,
+                              scale, out)
+    if meta.prefills:
+        q = qkv[:, :n_heads * d].view(n, n_heads, d)
+        k = qkv[:, n_heads * d:(n_heads + n_kv) * d].view(n, n_kv, d)
+        v = qkv[:, (n_heads + n_kv) * d:].view(n, n_kv, d)
+        prefill_attention(q, k, v, meta, cache, layer, window, scale, out.view(n, n_heads, d))
+    return out
+
+
+_NO_SLOTS = torch.empty(0, dtype=torch.long)
+
+
+def decode_slot_args(slots: torch.Tensor | slice) -> tuple[torch.Tensor, int]:
+    """A decode group's slots as the fused op takes them: a [B, L] tensor, or (empty, first slot)."""
+    if isinstance(slots, slice):
+        return _NO_SLOTS, slots.start
+    return slots.contiguous(), 0

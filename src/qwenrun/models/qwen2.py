@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
-from ..layers.attention import AttentionMetadata, paged_attention
+from ..layers import fused
+from ..layers.attention import AttentionMetadata, decode_slot_args, fused_attention, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary, rope_table
 
@@ -83,8 +84,22 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked after loading (fuse_gate_up)
+
+    def fuse_gate_up(self, concat: Callable[[list[nn.Module]], nn.Module]) -> None:
+        """One projection for gate and up (rows [0, F) gate, [F, 2F) up); kept separate when the
+        two are of kinds that cannot be stacked."""
+        try:
+            self.gate_up_proj = concat([self.gate_proj, self.up_proj])
+        except ValueError:
+            return
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gu = self.gate_up_proj(x)
+            f = gu.shape[-1] // 2
+            return self.down_proj(F.silu(gu[..., :f]) * gu[..., f:])
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -129,11 +144,55 @@ class Qwen2ForCausalLM(nn.Module):
                 cache) -> torch.Tensor:
         """input_ids, positions: [N] → final hidden states [N, D] (normed)."""
         h = self.model.embed_tokens(input_ids)  # [N, D]
+        ops = fused.usable(h)
+        if ops is not None and self.model.norm.weight.dtype == h.dtype and self.rope.device.type == "cpu":
+            return self._forward_fused(ops, h, positions, meta, cache)
         cs = self.rope.index_select(0, positions).to(h.dtype)  # [N, 2, d]
         cos, sin = cs[:, 0:1], cs[:, 1:2]  # [N, 1, d], broadcast over heads
         for layer in self.model.layers:
             h = layer(h, cos, sin, meta, cache)
         return self.model.norm(h)
+
+    def _forward_fused(self, ops, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       cache) -> torch.Tensor:
+        """``forward`` with the fused CPU ops (layers/fused.py): per layer four op calls between
+        the linears (norm, attention, residual + norm, SiLU·mul); the residual stream ``h`` is
+        updated in place. Same arithmetic as the plain path up to reassociation in reductions.
+
+        Per-layer Python is kept to dict lookups: submodules are read from ``_modules`` (always
+        current, no nn.Module.__getattr__ walk), linears are called through ``.forward`` (no
+        hook dispatch; an instance-level ``forward``, as benchmarks install, is still seen), and
+        the all-decode case resolves its attention arguments once per step."""
+        layers = list(self.model.layers._modules.values())
+        h = h.contiguous()
+        eps = self.config.rms_norm_eps
+        x = ops.rms_norm(h, layers[0]._modules["input_layernorm"].weight, eps)
+        step = _decode_step_args(meta, cache, h)
+        final = self.model._modules["norm"]
+        for i, layer in enumerate(layers):
+            mods = layer._modules
+            a, mlp = mods["self_attn"], mods["mlp"]
+            am, mm = a._modules, mlp._modules
+            qkv_proj = am.get("qkv_proj")
+            if qkv_proj is not None:
+                qkv = qkv_proj.forward(x).contiguous()
+            else:
+                qkv = torch.cat((am["q_proj"].forward(x), am["k_proj"].forward(x), am["v_proj"].forward(x)), dim=-1)
+            if step is not None:
+                o = ops.decode_step_attention(qkv, self.rope, positions, cache.data, a.layer_idx, step[0], step[1],
+                                              step[2], step[3], a.num_heads, a.num_kv_heads, a.window or 0, a.scale)
+            else:
+                o = fused_attention(ops, qkv, a.num_heads, a.num_kv_heads, self.rope, positions, meta, cache,
+                                    a.layer_idx, a.window, a.scale)
+            x = ops.add_rms_norm_(h, am["o_proj"].forward(o), mods["post_attention_layernorm"].weight, eps)
+            gate_up = mm.get("gate_up_proj")
+            if gate_up is not None:
+                act = ops.silu_mul(gate_up.forward(x))
+            else:
+                act = ops.silu_mul2(mm["gate_proj"].forward(x), mm["up_proj"].forward(x))
+            nxt = layers[i + 1]._modules["input_layernorm"] if i + 1 < len(layers) else final
+            x = ops.add_rms_norm_(h, mm["down_proj"].forward(act), nxt.weight, eps)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, D] → [M, V] fp32 logits, only for the rows that need them."""
@@ -208,9 +267,10 @@ class Qwen2ForCausalLM(nn.Module):
         return in_place
 
     def fuse_qkv(self) -> None:
-        """Fuse every layer's q/k/v projections (dense or quantized) into one."""
+        """Fuse every layer's q/k/v projections (dense or quantized) into one, and gate with up."""
         for layer in self.model.layers:
             layer.self_attn.fuse_qkv(concat_linears)
+            layer.mlp.fuse_gate_up(concat_linears)
 
     def _swap(self, name: str, new: nn.Module | None, modules: dict[str, nn.Module]) -> None:
         """Put ``new`` (e.g. a quantized linear) where module ``name`` was."""
@@ -219,6 +279,17 @@ class Qwen2ForCausalLM(nn.Module):
         parent_name, _, leaf = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else self, leaf, new)
         modules[name] = new
+
+
+def _decode_step_args(meta: AttentionMetadata, cache, h: torch.Tensor):
+    """(slot_mapping, slots, slot_start, lens) when this step is decodes only, in one group, over
+    an unquantized cache in the activations' dtype: one fused attention call per layer."""
+    groups = meta.decode_groups
+    if (meta.prefills or len(groups) != 1 or groups[0].end - groups[0].start != h.shape[0] or cache.quantized
+            or cache.dtype != h.dtype):
+        return None
+    slots, start = decode_slot_args(groups[0].slots)
+    return meta.slot_mapping, slots, start, groups[0].lens
 
 
 def concat_linears(mods: list[nn.Module]) -> nn.Module:

@@ -22,7 +22,8 @@ from types import ModuleType
 log = logging.getLogger("qwenrun")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "gguf_kernels.cpp", _CSRC / "kv_attention.cpp"]
+SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "gguf_kernels.cpp", _CSRC / "kv_attention.cpp",
+           _CSRC / "fused_ops.cpp"]
 HEADERS = [_CSRC / "quant_common.h"]  # not compiled on their own, but part of the build's identity
 # -ffp-contract=off: a * b - c stays two roundings (no fused multiply-add the compiler picks on its
 # own), so the dequantizers reproduce the reference values exactly.

@@ -66,6 +66,18 @@ class _EngineCollector(Collector):
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", bm.prefix_hits)
         yield counter("prompt_tokens", "Prompt tokens admitted.", eng.stats["prompt_tokens"])
         yield counter("generation_tokens", "Tokens generated.", eng.stats["generation_tokens"])
+        if getattr(eng, "spec", None) is not None:
+            from ..engine.spec_decode import spec_metrics
+
+            sm = spec_metrics(eng.scheduler)
+            yield counter("spec_decode_num_drafts", "Speculative verifications (one sequence's proposals each).",
+                          sm["num_drafts"])
+            yield counter("spec_decode_num_draft_tokens", "Proposed tokens verified.", sm["num_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted.", sm["num_accepted_tokens"])
+            yield gauge("spec_decode_acceptance_rate", "Accepted / proposed tokens since start.", sm["acceptance_rate"])
+            yield gauge("spec_decode_mean_acceptance_length",
+                        "Tokens emitted per verification (accepted proposals + 1) since start.",
+                        sm["mean_acceptance_length"])
 
 
 class ServerMetrics:

@@ -1,0 +1,483 @@
+// Fused decode-step ops for CPU (AVX2): everything a Qwen2 layer does between its linears, in a
+// handful of calls instead of ~25 PyTorch dispatches per layer. Used by qwenrun/layers/fused.py;
+// each op has a plain PyTorch equivalent there (the fallback and the tests' reference).
+//
+//   rms_norm(x, w, eps)                  RMSNorm (transformers' rounding points for bf16)
+//   add_rms_norm_(h, r, w, eps)          h += r in place, then RMSNorm(h): residual + next norm
+//   silu_mul(gu) / silu_mul2(g, u)       silu(gate) * up (gate|up stacked in one tensor, or two)
+//   rope_store_(qkv, rope, pos, kv, ...) RoPE on q and k in place inside the qkv projection's
+//                                        output, then k and v written to their KV-cache slots
+//   decode_attention_(qkv, kv, ...)      one query token per sequence over its cached context
+//                                        (fp32 or bf16 cache read in place, no gather, GQA)
+//
+// Registered with TORCH_LIBRARY (torch.ops.<extension name>.*, see the end of this file): the
+// extension's pybind module belongs to quant_kernels.cpp, and a library needs no edit there.
+//
+// Rounding: elementwise ops round where PyTorch's separate ops round (fp-contract off: no FMA
+// fusing a multiply into the following add), so residual adds and RoPE are bit-identical to the
+// plain path; reductions (norm statistics, attention dot products, softmax sums) and exp() differ
+// from ATen's by reassociation / a few ulp only.
+#pragma GCC optimize("fp-contract=off")
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) { return static_cast<float>(x); }
+template <typename T> inline T from_f(float x) { return static_cast<T>(x); }
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// exp(x) for x in fp32, AVX2 (Cephes-style: x = n ln2 + r, degree-6 polynomial, 2^n by exponent
+// bits); relative error ~2 ulp, exp(-inf) = 0, large x saturates to +inf.
+inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-103.972084045410f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 xc = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, c1)), _mm256_mul_ps(n, c2));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n in two halves so that n down to -150 (denormal results) stays exact
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+  __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
+inline float exp1(float x) {
+  alignas(32) float b[8];
+  _mm256_store_ps(b, exp8(_mm256_set1_ps(x)));
+  return b[0];
+}
+
+void check_cpu(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, ": CPU tensors only (the caller falls back elsewhere)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm. fp32: y = (x * rsqrt(mean(x^2) + eps)) * w. bf16 (transformers' Qwen2RMSNorm):
+// statistics in fp32, normalised value cast to bf16, then the bf16 weight multiply (rounds again).
+template <typename T>
+void rms_row(const T* x, const T* w, T* y, int64_t D, float eps) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    __m256 v0 = load8(x + i), v1 = load8(x + i + 8);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+  }
+  float ss = hsum8(_mm256_add_ps(a0, a1));
+  for (; i < D; ++i) ss += to_f(x[i]) * to_f(x[i]);
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 rv = _mm256_set1_ps(r);
+    int64_t j = 0;
+    for (; j + 8 <= D; j += 8)
+      _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), rv), _mm256_loadu_ps(w + j)));
+    for (; j < D; ++j) y[j] = (x[j] * r) * w[j];
+  } else {
+    for (int64_t j = 0; j < D; ++j) {
+      const float n = to_f(from_f<T>(to_f(x[j]) * r));
+      y[j] = from_f<T>(to_f(w[j]) * n);
+    }
+  }
+}
+
+template <typename T>
+void rms_rows(const T* x, const T* w, T* y, int64_t N, int64_t D, float eps) {
+  at::parallel_for(0, N, N * D < (1 << 16) ? N : 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_row(x + r * D, w, y + r * D, D, eps);
+  });
+}
+
+void check_norm_args(const torch::Tensor& x, const torch::Tensor& w) {
+  check_cpu(x, "rms_norm");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && w.numel() == x.size(1),
+              "rms_norm: x [N, D] contiguous, w [D]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must share a dtype");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "rms_norm: fp32 or bf16");
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  check_norm_args(x, w);
+  auto y = torch::empty_like(x);
+  const int64_t N = x.size(0), D = x.size(1);
+  if (x.scalar_type() == torch::kFloat32)
+    rms_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), N, D, static_cast<float>(eps));
+  else
+    rms_rows(x.data_ptr<bf16>(), w.data_ptr<bf16>(), y.data_ptr<bf16>(), N, D, static_cast<float>(eps));
+  return y;
+}
+
+// h += r (rounded in h's dtype, as `h + r`), then y = RMSNorm(h) * w.
+template <typename T>
+void add_rms_rows(T* h, const T* r, const T* w, T* y, int64_t N, int64_t D, float eps) {
+  at::parallel_for(0, N, N * D < (1 << 16) ? N : 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      T* hr = h + row * D;
+      const T* rr = r + row * D;
+      if constexpr (std::is_same_v<T, float>) {
+        int64_t j = 0;
+        for (; j + 8 <= D; j += 8)
+          _mm256_storeu_ps(hr + j, _mm256_add_ps(_mm256_loadu_ps(hr + j), _mm256_loadu_ps(rr + j)));
+        for (; j < D; ++j) hr[j] = hr[j] + rr[j];
+      } else {
+        for (int64_t j = 0; j < D; ++j) hr[j] = from_f<T>(to_f(hr[j]) + to_f(rr[j]));
+      }
+      rms_row(hr, w, y + row * D, D, eps);
+    }
+  });
+}
+
+torch::Tensor add_rms_norm_(torch::Tensor h, torch::Tensor r, torch::Tensor w, double eps) {
+  check_norm_args(h, w);
+  TORCH_CHECK(r.sizes() == h.sizes() && r.is_contiguous() && r.scalar_type() == h.scalar_type(),
+              "add_rms_norm_: r like h");
+  auto y = torch::empty_like(h);
+  const int64_t N = h.size(0), D = h.size(1);
+  if (h.scalar_type() == torch::kFloat32)
+    add_rms_rows(h.data_ptr<float>(), r.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), N, D,
+                 static_cast<float>(eps));
+  else
+    add_rms_rows(h.data_ptr<bf16>(), r.data_ptr<bf16>(), w.data_ptr<bf16>(), y.data_ptr<bf16>(), N, D,
+                 static_cast<float>(eps));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// silu(g) * u, g/u rows of F elements at row strides sg / su. silu(x) = x / (1 + exp(-x)); bf16
+// rounds silu's result to bf16 before the multiply (F.silu, then `*`).
+template <typename T>
+void silu_mul_rows(const T* g, int64_t sg, const T* u, int64_t su, T* y, int64_t N, int64_t F) {
+  at::parallel_for(0, N, N * F < (1 << 15) ? N : 1, [&](int64_t r0, int64_t r1) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    alignas(32) float buf[8];
+    for (int64_t row = r0; row < r1; ++row) {
+      const T* gr = g + row * sg;
+      const T* ur = u + row * su;
+      T* yr = y + row * F;
+      int64_t j = 0;
+      for (; j + 8 <= F; j += 8) {
+        __m256 x = load8(gr + j);
+        __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, sign))));
+        if constexpr (std::is_same_v<T, float>) {
+          _mm256_storeu_ps(yr + j, _mm256_mul_ps(s, _mm256_loadu_ps(ur + j)));
+        } else {
+          _mm256_store_ps(buf, s);
+          for (int k = 0; k < 8; ++k) yr[j + k] = from_f<T>(to_f(from_f<T>(buf[k])) * to_f(ur[j + k]));
+        }
+      }
+      for (; j < F; ++j) {
+        const float x = to_f(gr[j]);
+        const float s = x / (1.0f + exp1(-x));
+        yr[j] = from_f<T>(to_f(from_f<T>(s)) * to_f(ur[j]));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_mul_impl(const torch::Tensor& g, int64_t sg, const torch::Tensor& u, int64_t su,
+                            int64_t N, int64_t F, int64_t u_off) {
+  auto y = torch::empty({N, F}, g.options());
+  if (g.scalar_type() == torch::kFloat32)
+    silu_mul_rows(g.data_ptr<float>(), sg, u.data_ptr<float>() + u_off, su, y.data_ptr<float>(), N, F);
+  else
+    silu_mul_rows(g.data_ptr<bf16>(), sg, u.data_ptr<bf16>() + u_off, su, y.data_ptr<bf16>(), N, F);
+  return y;
+}
+
+// gu [N, 2F]: gate = gu[:, :F], up = gu[:, F:] (gate_proj and up_proj fused in one linear).
+torch::Tensor silu_mul(torch::Tensor gu) {
+  check_cpu(gu, "silu_mul");
+  TORCH_CHECK(gu.dim() == 2 && gu.is_contiguous() && gu.size(1) % 2 == 0, "silu_mul: gu [N, 2F] contiguous");
+  TORCH_CHECK(gu.scalar_type() == torch::kFloat32 || gu.scalar_type() == torch::kBFloat16, "silu_mul: fp32 or bf16");
+  const int64_t N = gu.size(0), F = gu.size(1) / 2;
+  return silu_mul_impl(gu, 2 * F, gu, 2 * F, N, F, F);
+}
+
+torch::Tensor silu_mul2(torch::Tensor g, torch::Tensor u) {
+  check_cpu(g, "silu_mul2");
+  TORCH_CHECK(g.dim() == 2 && g.is_contiguous() && u.is_contiguous() && u.sizes() == g.sizes() &&
+                  u.scalar_type() == g.scalar_type(), "silu_mul2: g, u [N, F] contiguous, one dtype");
+  TORCH_CHECK(g.scalar_type() == torch::kFloat32 || g.scalar_type() == torch::kBFloat16, "silu_mul2: fp32 or bf16");
+  return silu_mul_impl(g, g.size(1), u, u.size(1), g.size(0), g.size(1), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE ("rotate half", GPT-NeoX layout) on the q and k heads of qkv [N, (H + 2 Hkv) d], in place:
+// x' = x * cos + rotate_half(x) * sin, cos/sin = rope[pos] ([P, 2, d] fp32, cast to the activation
+// dtype first as the plain path does); then k and v rows copied to kv[layer, 0/1, slot].
+template <typename T>
+void rope_rows(T* qkv, const float* rope, const int64_t* pos, int64_t N, int64_t nheads, int64_t row_stride,
+               int64_t d, int64_t P) {
+  const int64_t half = d / 2;
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(pos[n] >= 0 && pos[n] < P, "rope: position ", pos[n], " outside the table");
+    const float* cs = rope + pos[n] * 2 * d;
+    const float* sn = cs + d;
+    std::vector<float> c(d), s(d), x(d);
+    for (int64_t i = 0; i < d; ++i) {
+      c[i] = to_f(from_f<T>(cs[i]));
+      s[i] = to_f(from_f<T>(sn[i]));
+    }
+    for (int64_t h = 0; h < nheads; ++h) {
+      T* xr = qkv + n * row_stride + h * d;
+      for (int64_t i = 0; i < d; ++i) x[i] = to_f(xr[i]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = to_f(from_f<T>(x[i] * c[i])), b = to_f(from_f<T>(-x[i + half] * s[i]));
+        xr[i] = from_f<T>(a + b);
+      }
+      for (int64_t i = half; i < d; ++i) {
+        const float a = to_f(from_f<T>(x[i] * c[i])), b = to_f(from_f<T>(x[i - half] * s[i]));
+        xr[i] = from_f<T>(a + b);
+      }
+    }
+  }
+}
+
+template <typename T>
+void store_rows(const T* qkv, T* kv, int64_t layer, const int64_t* slots, int64_t N, int64_t H, int64_t Hkv,
+                int64_t d, int64_t S) {
+  const int64_t row = (H + 2 * Hkv) * d, hd = Hkv * d;
+  T* kb = kv + (layer * 2 + 0) * S * hd;
+  T* vb = kv + (layer * 2 + 1) * S * hd;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t s = slots[n];
+    TORCH_CHECK(s >= 0 && s < S, "store: slot ", s, " out of range");
+    std::memcpy(kb + s * hd, qkv + n * row + H * d, hd * sizeof(T));
+    std::memcpy(vb + s * hd, qkv + n * row + (H + Hkv) * d, hd * sizeof(T));
+  }
+}
+
+void check_qkv(const torch::Tensor& qkv, int64_t H, int64_t Hkv, int64_t d) {
+  check_cpu(qkv, "qkv");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (H + 2 * Hkv) * d,
+              "qkv: [N, (H + 2 Hkv) d] contiguous");
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 || qkv.scalar_type() == torch::kBFloat16, "qkv: fp32 or bf16");
+}
+
+void check_kv(const torch::Tensor& kv, const torch::Tensor& qkv, int64_t layer, int64_t Hkv, int64_t d) {
+  check_cpu(kv, "kv cache");
+  TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(3) == Hkv && kv.size(4) == d,
+              "kv cache: [layers, 2, slots, Hkv, d] contiguous");
+  TORCH_CHECK(kv.scalar_type() == qkv.scalar_type(), "kv cache dtype must equal the activations'");
+  TORCH_CHECK(layer >= 0 && layer < kv.size(0), "layer out of range");
+}
+
+void rope_store_(torch::Tensor qkv, torch::Tensor rope, torch::Tensor positions, int64_t H, int64_t Hkv,
+                 c10::optional<torch::Tensor> kv, int64_t layer, c10::optional<torch::Tensor> slot_mapping) {
+  TORCH_CHECK(rope.dim() == 3 && rope.size(1) == 2 && rope.is_contiguous() && rope.scalar_type() == torch::kFloat32,
+              "rope: [P, 2, d] fp32 contiguous");
+  const int64_t d = rope.size(2), N = qkv.size(0);
+  check_qkv(qkv, H, Hkv, d);
+  TORCH_CHECK(d % 2 == 0, "rope: even head_dim");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous() && positions.numel() == N,
+              "positions: int64 [N]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  if (qkv.scalar_type() == torch::kFloat32)
+    rope_rows(qkv.data_ptr<float>(), rope.data_ptr<float>(), pos, N, H + Hkv, qkv.size(1), d, rope.size(0));
+  else
+    rope_rows(qkv.data_ptr<bf16>(), rope.data_ptr<float>(), pos, N, H + Hkv, qkv.size(1), d, rope.size(0));
+  if (!kv.has_value()) return;
+  TORCH_CHECK(slot_mapping.has_value(), "rope_store_: kv needs slot_mapping");
+  const auto& c = *kv;
+  const auto& sm = *slot_mapping;
+  check_kv(c, qkv, layer, Hkv, d);
+  TORCH_CHECK(sm.scalar_type() == torch::kInt64 && sm.is_contiguous() && sm.numel() == N, "slot_mapping: int64 [N]");
+  if (qkv.scalar_type() == torch::kFloat32)
+    store_rows(qkv.data_ptr<float>(), c.data_ptr<float>(), layer, sm.data_ptr<int64_t>(), N, H, Hkv, d, c.size(2));
+  else
+    store_rows(qkv.data_ptr<bf16>(), c.data_ptr<bf16>(), layer, sm.data_ptr<int64_t>(), N, H, Hkv, d, c.size(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention: query rows row0 .. row0 + B of qkv (one token per sequence) attend their
+// context, read in place from the fp32/bf16 cache: slots [B, L] (int64) or, with slots empty, the
+// consecutive slots slot_start .. slot_start + L (B == 1). Keys visible to row b: the first
+// min(lens[b], L) context positions, the last `window` of them when window > 0. Exact softmax
+// (max-subtracted, fp32). out [*, H * d] rows row0 .. row0 + B are written (activation dtype).
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
+  }
+  for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
+  float s = hsum8(_mm256_add_ps(a0, a1));
+  for (; i < d; ++i) s += q[i] * to_f(k[i]);
+  return s;
+}
+
+template <typename T>
+inline void axpy(float p, const T* v, float* y, int64_t d) {
+  const __m256 a = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, load8(v + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += p * to_f(v[i]);
+}
+
+template <typename T>
+void decode_attn(const T* qkv, const T* kv, int64_t layer, int64_t S, const int64_t* slots, int64_t slot_start,
+                 int64_t L, const int64_t* lens, int64_t B, int64_t row0, int64_t H, int64_t Hkv, int64_t d,
+                 int64_t window, float scale, T* out) {
+  const int64_t g = H / Hkv, row = (H + 2 * Hkv) * d, hd = Hkv * d;
+  const T* kb = kv + (layer * 2 + 0) * S * hd;
+  const T* vb = kv + (layer * 2 + 1) * S * hd;
+  std::vector<int64_t> first(B), count(B);
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = std::min<int64_t>(lens[b], L);
+    first[b] = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    count[b] = std::max<int64_t>(0, len - first[b]);
+    for (int64_t j = first[b]; j < first[b] + count[b]; ++j) {
+      const int64_t s = slots ? slots[b * L + j] : slot_start + j;
+      TORCH_CHECK(s >= 0 && s < S, "decode_attention: slot ", s, " out of range");
+    }
+    work += count[b];
+  }
+  // one task per (sequence, kv head); short contexts run inline (a thread fork costs more)
+  const int64_t tasks = B * Hkv;
+  const int64_t grain = work * H * d < (1 << 17) ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> q(g * d), acc(g * d), sc;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, hk = t % Hkv, n = count[b];
+      const T* qr = qkv + (row0 + b) * row + hk * g * d;
+      T* orow = out + (row0 + b) * H * d + hk * g * d;
+      if (n == 0) {  // nothing visible (not produced by the engine): zeros, as a fully masked row
+        for (int64_t e = 0; e < g * d; ++e) orow[e] = from_f<T>(0.f);
+        continue;
+      }
+      for (int64_t e = 0; e < g * d; ++e) q[e] = to_f(qr[e]);
+      sc.assign(g * n, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t s = slots ? slots[b * L + first[b] + j] : slot_start + first[b] + j;
+        const T* kr = kb + s * hd + hk * d;
+        for (int64_t h = 0; h < g; ++h) sc[h * n + j] = dot(q.data() + h * d, kr, d) * scale;
+      }
+      std::vector<float> inv(g);
+      for (int64_t h = 0; h < g; ++h) {
+        float* x = sc.data() + h * n;
+        const float m = *std::max_element(x, x + n);
+        float sum = 0.f;
+        int64_t j = 0;
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 sv = _mm256_setzero_ps();
+        for (; j + 8 <= n; j += 8) {
+          __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
+          _mm256_storeu_ps(x + j, e);
+          sv = _mm256_add_ps(sv, e);
+        }
+        sum = hsum8(sv);
+        for (; j < n; ++j) sum += (x[j] = exp1(x[j] - m));
+        inv[h] = 1.f / sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t s = slots ? slots[b * L + first[b] + j] : slot_start + first[b] + j;
+        const T* vr = vb + s * hd + hk * d;
+        for (int64_t h = 0; h < g; ++h) axpy(sc[h * n + j], vr, acc.data() + h * d, d);
+      }
+      for (int64_t h = 0; h < g; ++h)
+        for (int64_t e = 0; e < d; ++e) orow[h * d + e] = from_f<T>(acc[h * d + e] * inv[h]);
+    }
+  });
+}
+
+void decode_attention_(torch::Tensor qkv, torch::Tensor kv, int64_t layer, torch::Tensor slots, int64_t slot_start,
+                       torch::Tensor lens, int64_t row0, int64_t H, int64_t Hkv, int64_t window, double scale,
+                       torch::Tensor out) {
+  TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0, "heads must be a multiple of kv heads");
+  const int64_t d = kv.size(4);
+  check_qkv(qkv, H, Hkv, d);
+  check_kv(kv, qkv, layer, Hkv, d);
+  TORCH_CHECK(lens.scalar_type() == torch::kInt64 && lens.is_contiguous() && lens.dim() == 1, "lens: int64 [B]");
+  const int64_t B = lens.numel();
+  int64_t L;
+  const int64_t* sp = nullptr;
+  if (slots.numel() == 0) {
+    TORCH_CHECK(B == 1, "contiguous slots: one sequence");
+    L = lens.data_ptr<int64_t>()[0];
+  } else {
+    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 2 &&
+                    slots.size(0) == B, "slots: int64 [B, L] contiguous");
+    L = slots.size(1);
+    sp = slots.data_ptr<int64_t>();
+  }
+  TORCH_CHECK(row0 >= 0 && row0 + B <= qkv.size(0), "rows out of range");
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type() && out.numel() == qkv.size(0) * H * d,
+              "out: [N, H d] contiguous, activation dtype");
+  if (qkv.scalar_type() == torch::kFloat32)
+    decode_attn(qkv.data_ptr<float>(), kv.data_ptr<float>(), layer, kv.size(2), sp, slot_start, L,
+                lens.data_ptr<int64_t>(), B, row0, H, Hkv, d, window, static_cast<float>(scale), out.data_ptr<float>());
+  else
+    decode_attn(qkv.data_ptr<bf16>(), kv.data_ptr<bf16>(), layer, kv.size(2), sp, slot_start, L,
+                lens.data_ptr<int64_t>(), B, row0, H, Hkv, d, window, static_cast<float>(scale), out.data_ptr<bf16>());
+}
+
+// The whole attention of an all-decode step in one call: RoPE, cache write, attention.
+torch::Tensor decode_step_attention(torch::Tensor qkv, torch::Tensor rope, torch::Tensor positions, torch::Tensor kv,
+                                    int64_t layer, torch::Tensor slot_mapping, torch::Tensor slots, int64_t slot_start,
+                                    torch::Tensor lens, int64_t H, int64_t Hkv, int64_t window, double scale) {
+  rope_store_(qkv, rope, positions, H, Hkv, kv, layer, slot_mapping);
+  TORCH_CHECK(lens.numel() == qkv.size(0), "decode_step_attention: one row per sequence");
+  auto out = torch::empty({qkv.size(0), H * kv.size(4)}, qkv.options());
+  decode_attention_(qkv, kv, layer, slots, slot_start, lens, 0, H, Hkv, window, scale, out);
+  return out;
+}
+
+}  // namespace
+
+// The op namespace is the extension's own name (qwenrun_quant_<hash>): two builds of the library
+// (another source hash, a narrower ISA variant) can then be loaded in one process side by side,
+// where a fixed namespace would make the second registration fail at load time.
+#define QWENRUN_FUSED_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+QWENRUN_FUSED_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm_(Tensor(a!) h, Tensor r, Tensor w, float eps) -> Tensor", &add_rms_norm_);
+  m.def("silu_mul(Tensor gu) -> Tensor", &silu_mul);
+  m.def("silu_mul2(Tensor g, Tensor u) -> Tensor", &silu_mul2);
+  m.def("rope_store_(Tensor(a!) qkv, Tensor rope, Tensor positions, int heads, int kv_heads, Tensor(b!)? kv, "
+        "int layer, Tensor? slot_mapping) -> ()", &rope_store_);
+  m.def("decode_attention_(Tensor qkv, Tensor kv, int layer, Tensor slots, int slot_start, Tensor lens, int row0, "
+        "int heads, int kv_heads, int window, float scale, Tensor(a!) out) -> ()", &decode_attention_);
+  m.def("decode_step_attention(Tensor(a!) qkv, Tensor rope, Tensor positions, Tensor(b!) kv, int layer, "
+        "Tensor slot_mapping, Tensor slots, int slot_start, Tensor lens, int heads, int kv_heads, int window, "
+        "float scale) -> Tensor", &decode_step_attention);
+}

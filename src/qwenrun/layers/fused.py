@@ -1,0 +1,62 @@
+"""Fused CPU ops for the decode step (``csrc/fused_ops.cpp``): what a layer does between its
+linears — RMSNorm with the residual add, RoPE + KV-cache write + decode attention, SiLU·mul — in
+four calls per layer instead of ~25 PyTorch dispatches.
+
+``ops()`` returns the op namespace (``torch.ops.<kernel extension name>``) or ``None``; with ``None`` the
+model runs its plain PyTorch path, which is also what the equivalence tests compare against.
+The fused ops are off when the kernels are (``QWENRUN_NO_KERNELS=1``, no AVX2, no compiler), with
+``QWENRUN_NO_FUSED=1``, inside ``disabled()``, and for tensors that are not on the CPU (checked
+by the caller per forward: ``usable(x)``)."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+_UNSET = object()
+_ops: object = _UNSET
+_forced_off = 0
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get("QWENRUN_NO_FUSED", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def ops():
+    """The fused ops' namespace when the kernel extension is loaded and has them, else None."""
+    global _ops
+    if _forced_off or disabled_by_env():
+        return None
+    if _ops is _UNSET:
+        from ..quant import kernels
+
+        _ops = None
+        ext = kernels.ops()
+        if ext is not None:  # loading the extension registered its ops under its own name
+            try:
+                ns = getattr(torch.ops, ext.__name__)
+                ns.rms_norm  # noqa: B018 - raises when a build without fused_ops.cpp is loaded
+                _ops = ns
+            except (AttributeError, RuntimeError):
+                _ops = None
+    return _ops  # type: ignore[return-value]
+
+
+def usable(x: torch.Tensor):
+    """The fused ops for activations like ``x`` (CPU, fp32 or bf16), else None."""
+    o = ops()
+    if o is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return o
+
+
+@contextmanager
+def disabled():
+    """Run the plain PyTorch path inside this block (tests, benchmarks' A/B)."""
+    global _forced_off
+    _forced_off += 1
+    try:
+        yield
+    finally:
+        _forced_off -= 1
