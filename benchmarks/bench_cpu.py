@@ -1,21 +1,29 @@
 #!/usr/bin/env python
-"""qwenrun vs llama.cpp (llama-cpp-python) vs HF transformers on the same GGUF, in one run.
+"""qwenrun vs llama.cpp (built for this CPU) vs HF transformers on the same GGUF, in one run.
 
 Measures, one engine at a time (never concurrently: 2 cores): prefill tokens/s of a PROMPT_LEN-token
-prompt, single-stream decode tokens/s, and qwenrun's aggregate decode over 16 concurrent
-sequences; plus the machine's memory-read ceiling and compute peaks (fp32 and bf16 matmul), so every figure is also a
-fraction of the limit that binds it. Prints one JSON line per result and a ratio table.
+prompt, single-stream decode tokens/s, qwenrun's aggregate decode over 16 concurrent sequences,
+and (each in a fresh process) load time and peak RSS; plus the machine's memory-read ceiling and
+compute peaks (fp32 and bf16 matmul) at the start and the end, so every figure is also a fraction
+of the limit that binds it. The llama.cpp peer runs in its own venv, llama-cpp-python compiled
+for this CPU (benchmarks/peer_llamacpp.sh builds it once, cached by the CPU's flags). Prints the
+CPU, one JSON line per result and a ratio table.
 
-    .venv/bin/python benchmarks/bench_cpu.py [--model demo] [--quant none,int8,int4] [--peers llama.cpp,transformers]
+    .venv/bin/python benchmarks/bench_cpu.py [--model demo|FILE.gguf] [--quant auto,int8,int4,none]
+                                             [--peers llama.cpp,transformers] [--peer-python PY]
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +33,7 @@ def med(xs):
 
 
 def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: int, conc: int, repeats: int):
+    """Prefill, decode and aggregate decode of one qwenrun configuration (this process)."""
     from qwenrun.bench import _linear_bytes_and_params
     from qwenrun.config import EngineConfig
     from qwenrun.engine.llm_engine import LLMEngine
@@ -62,7 +71,7 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
         while eng.has_unfinished_requests():
             eng.step()
         agg.append((conc * decode_len - n0) / (time.perf_counter() - t0))
-    res = {"engine": "qwenrun", "quant": quant or "fp32", "act_dtype": str(eng.loaded.dtype).replace("torch.", ""),
+    res = {"engine": "qwenrun", "quant": eng.loaded.quantization or "none (dense)", "act_dtype": str(eng.loaded.dtype).replace("torch.", ""),
            "prefill_tps": med(pre), "decode_tps": med(dec),
            f"aggregate{conc}_tps": med(agg), "weight_gb": wbytes / 1e9, "linear_params": lparams}
     del eng
@@ -70,37 +79,58 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
     return res
 
 
-def bench_llamacpp(path: str, prompt: list[int], decode_len: int, repeats: int, threads: int):
-    import numpy as np
-    from llama_cpp import Llama
+def bench_llamacpp(py: str, path: str, prompt: list[int], decode_len: int, repeats: int, threads: int):
+    """llama.cpp through benchmarks/llamacpp_peer.py in the peer venv (its own process)."""
+    cmd = [py, str(Path(__file__).parent / "llamacpp_peer.py"), path, "--prompt", ",".join(map(str, prompt)),
+           "--decode-len", str(decode_len), "--repeats", str(repeats), "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
-                n_batch=len(prompt), verbose=False)
-    pre, dec = [], []
-    for r in range(repeats + 1):
-        llm.reset()
-        toks = [t + r for t in prompt]
-        t0 = time.perf_counter()
-        llm.eval(toks)
-        t1 = time.perf_counter()
-        for _ in range(decode_len):  # greedy: argmax of the last logits, as llama.cpp's sampler reads them
-            nxt = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
-            llm.eval([nxt])
-        t2 = time.perf_counter()
-        if r:
-            pre.append(len(prompt) / (t1 - t0))
-            dec.append(decode_len / (t2 - t1))
-    del llm
-    gc.collect()
-    # Bytes a decode step reads: every tensor but the token embedding (only one row of it is read),
-    # unless the head is tied to it (then the whole table is read by the head).
-    from gguf import GGUFReader
 
-    names = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
-    tied = "output.weight" not in names
-    wb = sum(b for n, b in names.items() if n != "token_embd.weight" or tied)
-    return {"engine": "llama.cpp", "quant": "Q4_K_M (gguf)", "act_dtype": "q8 (int8 dot products)",
-            "prefill_tps": med(pre), "decode_tps": med(dec), "weight_gb": wb / 1e9}
+LOAD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from qwenrun.config import EngineConfig
+from qwenrun.loader import load
+from qwenrun.quant import quantizer_for
+cfg = EngineConfig(model=sys.argv[1], quantization=None if sys.argv[2] == "none" else sys.argv[2])
+lm = load(cfg, progress=False, on_linear=quantizer_for(cfg))
+print(json.dumps({"load_s": time.perf_counter() - t0, "load_peak_rss_gb": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "weights_gb": lm.weight_bytes / 1e9, "quant": lm.quantization}))
+"""
+
+
+def bench_load(model: str, quant: str) -> dict:
+    """Load time (warm page cache: the file was read before) and peak RSS, in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", LOAD, model, quant], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_info() -> dict:
+    """The CPU model and the ISA extensions that decide which kernels can run."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                fields.setdefault(key.strip(), val.strip())
+                if key.strip() == "flags":
+                    break
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    isa = [x for x in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+                       "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if x in flags]
+    return {"cpu": fields.get("model name", platform.processor()), "family": fields.get("cpu family"),
+            "model": fields.get("model"), "isa": isa, "cores": os.cpu_count()}
+
+
+def peer_python(arg: str | None) -> str:
+    if arg:
+        return arg
+    script = Path(__file__).parent / "peer_llamacpp.sh"
+    return subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def bench_transformers(path, prompt: list[int], decode_len: int, repeats: int):
@@ -135,8 +165,10 @@ def bench_transformers(path, prompt: list[int], decode_len: int, repeats: int):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--quant", default="none,int8,int4")
+    ap.add_argument("--quant", default="auto,int8,int4", help="qwenrun weight modes, comma-separated")
     ap.add_argument("--peers", default="llama.cpp,transformers")
+    ap.add_argument("--peer-python", default=None, help="python with llama-cpp-python (default: built natively)")
+    ap.add_argument("--no-load", action="store_true", help="skip the load-time / peak-RSS measurements")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -148,30 +180,48 @@ def main() -> int:
     threads = torch.get_num_threads()
     gguf = str(resolve(args.model).path)
     prompt = torch.randint(1000, 100000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    limits = measure_limits(torch.device("cpu"), torch.bfloat16)
+    peers = [p for p in args.peers.split(",") if p]
+    py = peer_python(args.peer_python) if "llama.cpp" in peers else None
+    info = cpu_info()
+    from qwenrun.quant import kernels
+
+    info["qwenrun_kernels"] = kernels.describe()
+    print(json.dumps({"machine": info, "load_avg": os.getloadavg()}), flush=True)
+    from qwenrun.loader import cpu_has_fast_bf16
+
+    # the bf16 matmul peak only where bf16 is native (elsewhere a 2048^3 bf16 matmul takes ~50 s and
+    # nothing runs bf16 GEMMs): then the bf16 figures below are given against the fp32 peak
+    act = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    limits = measure_limits(torch.device("cpu"), act)
     print(json.dumps({"limits": limits, "threads": threads}), flush=True)
     results = []
     for q in args.quant.split(","):
         r = bench_qwenrun(args.model, None if q == "none" else q, prompt, args.decode_len, args.concurrency,
                           args.repeats)
+        if not args.no_load:
+            r.update(bench_load(args.model, q))
         results.append(r)
         print(json.dumps(r), flush=True)
-    peers = [p for p in args.peers.split(",") if p]
     if "llama.cpp" in peers:
-        results.append(bench_llamacpp(gguf, prompt, args.decode_len, args.repeats, threads))
+        results.append(bench_llamacpp(py, gguf, prompt, args.decode_len, args.repeats, threads))
         print(json.dumps(results[-1]), flush=True)
     if "transformers" in peers:
         results.append(bench_transformers(gguf, prompt, args.decode_len, args.repeats))
         print(json.dumps(results[-1]), flush=True)
-    limits2 = measure_limits(torch.device("cpu"), torch.bfloat16)  # again at the end: was the machine quiet throughout?
+    limits2 = measure_limits(torch.device("cpu"), act)  # again at the end: was the machine quiet throughout?
     print(json.dumps({"limits_end": limits2}), flush=True)
     base = next((r for r in results if r["engine"] == "llama.cpp"), None)
     # The binding limits, from both measurements (the median of two = their mean).
     ceiling = statistics.median([limits["mem_read_gbps"], limits2["mem_read_gbps"]])
     peaks = {str(dt).removeprefix("torch."): statistics.median([limits[peak_key(dt)], limits2[peak_key(dt)]])
-             for dt in (torch.float32, torch.bfloat16)}
+             for dt in dict.fromkeys((torch.float32, act))}
+    peaks.setdefault("bfloat16", peaks["float32"])
     lparams = next((r["linear_params"] for r in results if "linear_params" in r), None)
-    print(f"\nlimits (median of start and end): memory read {ceiling:.1f} GB/s, fp32 {peaks['float32']:.0f} GFLOP/s, "
+    print(f"\n{info['cpu']} ({', '.join(info['isa'])}); qwenrun kernels: {info['qwenrun_kernels']}; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
+    if base:
+        print(f"llama.cpp {base.get('llama_cpp_version')}: {base.get('system_info')}")
+    print(f"limits (median of start and end): memory read {ceiling:.1f} GB/s, fp32 {peaks['float32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bfloat16']:.0f} GFLOP/s; {threads} threads")
     print(f"\n{'engine':14} {'weights':24} {'prefill tok/s':>14} {'decode tok/s':>13} "
           f"{'x llama.cpp (pre/dec)':>22} {'decode GB/s (% ceiling)':>24} {'prefill GFLOP/s (% peak)':>25}")
@@ -185,7 +235,9 @@ def main() -> int:
         gf = 2 * lparams * r["prefill_tps"] / 1e9 if lparams else 0
         peak = peaks.get(r["act_dtype"], peaks["bfloat16"])
         pre = f"{gf:.0f} ({100 * gf / peak:.0f}% {'fp32' if peak == peaks['float32'] else 'bf16'})" if gf else "-"
-        print(f"{r['engine']:14} {r['quant']:24} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} {ratio:>22} {gbps:>24} {pre:>25}")
+        print(f"{r['engine']:14} {r['quant'][:24]:24} {r['prefill_tps']:14.1f} {r['decode_tps']:13.2f} {ratio:>22} {gbps:>24} {pre:>25}")
+        if "load_s" in r:
+            print(f"{'':14} load {r['load_s']:.1f} s, peak RSS {r['load_peak_rss_gb']:.2f} GB")
         if f"aggregate{args.concurrency}_tps" in r:
             agg = r[f"aggregate{args.concurrency}_tps"]
             rel = f" = {agg / base['decode_tps']:.2f}x llama.cpp single stream" if base else ""

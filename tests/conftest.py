@@ -31,4 +31,6 @@ def demo_path() -> Path:
 def demo_llm():
     from qwenrun import LLM
 
-    return LLM("demo", kv_cache_memory=1.0)
+    """Dense fp32 (the file dequantized): the oracle tests compare it with transformers on the same
+    GGUF. The default, quantization="auto" (the file's own block formats), has tests of its own."""
+    return LLM("demo", kv_cache_memory=1.0, quantization="none")

@@ -13,7 +13,7 @@ TEST_PROMPTS = ["What is the capital of France?", "Write a python function that 
 
 @pytest.fixture(scope="module")
 def demo_int8kv():
-    return LLM("demo", kv_cache_memory=1.0, kv_cache_dtype="int8", max_model_len=16384)
+    return LLM("demo", kv_cache_memory=1.0, kv_cache_dtype="int8", max_model_len=16384, quantization="none")
 
 
 @pytest.mark.slow

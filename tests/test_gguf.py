@@ -23,8 +23,10 @@ _GGUF_NAMES = {
 }
 
 
-def write_gguf(src_dir, dst, qtype: str = "F32"):
-    """Convert a tiny HF checkpoint to GGUF the way llama.cpp's converter lays it out."""
+def write_gguf(src_dir, dst, qtype: str = "F32", quantizer=None, types: dict[str, str] | None = None):
+    """Convert a tiny HF checkpoint to GGUF the way llama.cpp's converter lays it out. 2-D
+    tensors get ``qtype``, or ``types[fragment]`` for names containing that fragment; block
+    formats are written by ``quantizer(array, qtype)`` (default: gguf's quantizer)."""
     import gguf
     from safetensors.torch import load_file
     from tokenizers import Tokenizer as HFTok
@@ -66,11 +68,12 @@ def write_gguf(src_dir, dst, qtype: str = "F32"):
             layer, rest = name[len("model.layers."):].split(".", 1)
             g = f"blk.{layer}.{_GGUF_NAMES[rest]}"
         arr = t.float().numpy()
-        if qtype == "F16" and arr.ndim == 2:
+        kind = next((v for k, v in (types or {}).items() if k in g), qtype)
+        if kind == "F16" and arr.ndim == 2:
             w.add_tensor(g, arr.astype(np.float16))
-        elif qtype != "F32" and arr.ndim == 2:
-            qt = getattr(gguf.GGMLQuantizationType, qtype)
-            w.add_tensor(g, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+        elif kind != "F32" and arr.ndim == 2:
+            qt = getattr(gguf.GGMLQuantizationType, kind)
+            w.add_tensor(g, (quantizer or gguf.quants.quantize)(arr, qt), raw_dtype=qt)
         else:
             w.add_tensor(g, arr)
     w.write_header_to_file()

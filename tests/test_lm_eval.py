@@ -59,7 +59,7 @@ json.dump({"acc": r["results"]["qwenrun_capitals"]["acc,none"], "samples": sampl
 @pytest.fixture(scope="module")
 def demo_fp32(tmp_path_factory):
     """Dense float32, as the Python API's demo_llm: the same numbers on both sides."""
-    with serving(["demo", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
+    with serving(["demo", "--quantization", "none", "--max-model-len", "2048", "--kv-cache-memory", "0.5"],
                  tmp_path_factory.mktemp("log") / "demo_lm_eval.log", 300) as srv:
         yield srv
 

@@ -102,7 +102,7 @@ def _header(args: BenchConfig, eng, limits: dict) -> dict:
     return {
         "model": lm.name, "random_weights": bool(args.engine.random_weights), "device": str(lm.device),
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "dtype": str(lm.dtype).replace("torch.", ""), "quantization": args.engine.quantization,
+        "dtype": str(lm.dtype).replace("torch.", ""), "quantization": lm.quantization,
         "kv_cache_dtype": args.engine.kv_cache_dtype, "commit": _commit(), **{k: round(v, 2) for k, v in limits.items()},
         **({"speculative": eng.config.speculative_config.method} if eng.spec is not None else {}),
     }

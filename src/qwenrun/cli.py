@@ -36,8 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser, model_optional: bool = True) -> 
     g.add_argument("--revision", default=_env("revision"), help="hub revision (or MODEL@REV)")
     g.add_argument("--dtype", default=_env("dtype", "auto"), choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=_env("device", "auto"), help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--quantization", "-q", default=_env("quantization"), choices=[None, "int8", "int4"],
-                   help="weight-only quantization")
+    g.add_argument("--quantization", "-q", default=_env("quantization", "auto"), choices=["auto", "none", "int8", "int4"],
+                   help="weights: auto = a GGUF at its own block formats, other checkpoints dense (default); "
+                        "none = dense; int8/int4 = qwenrun's formats (a GGUF is rounded a second time)")
     g.add_argument("--max-model-len", type=_opt_int, default=_opt_int(_env("max_model_len")),
                    help="context length (default: the model's)")
     g.add_argument("--kv-cache-dtype", default=_env("kv_cache_dtype", "auto"),

@@ -161,7 +161,9 @@ class GenerationDefaults:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = (None, "int8", "int4")
+# "auto" (default): a GGUF file runs at its own block formats, anything else dense; None / "none":
+# dense (a GGUF is dequantized); "int8" / "int4": qwenrun's formats (a GGUF is rounded a second time).
+QUANTIZATIONS = ("auto", None, "int8", "int4")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8", "bfloat16", "float16", "float32")
 
 
@@ -187,7 +189,7 @@ class EngineConfig:
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    quantization: str | None = None
+    quantization: str | None = "auto"
     max_model_len: int | None = None
     kv_cache_dtype: str = "auto"
     kv_cache_memory: float | None = None  # GiB for the KV pool; None = plan from free memory
@@ -212,8 +214,11 @@ class EngineConfig:
             raise ValueError("model must be a hub id, a local directory, a .gguf file or 'demo'")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.quantization, str) and self.quantization.lower() == "none":
+            self.quantization = None
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of None, 'int8', 'int4'; got {self.quantization!r}")
+            raise ValueError("quantization must be one of 'auto' (a GGUF at its own precision), None or 'none' "
+                             f"(dense), 'int8', 'int4'; got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

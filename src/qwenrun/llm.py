@@ -167,6 +167,6 @@ def load_llm(cfg: EngineConfig) -> LLM:
     llm = LLM.from_config(cfg, progress=True)
     lm = llm.engine.loaded
     print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
-          f"{', ' + cfg.quantization if cfg.quantization else ''}, {lm.device}) in "
+          f"{', ' + lm.quantization if lm.quantization else ''}, {lm.device}) in "
           f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}", file=sys.stderr)
     return llm

@@ -26,54 +26,16 @@ namespace {
 
 using qwenrun::absmax;
 using qwenrun::bf16_to_f32;
+using qwenrun::check_common;
+using qwenrun::for_rows_streamed;
+using qwenrun::grain_for;
+using qwenrun::hsum;
 using qwenrun::kBlk4;
 using qwenrun::kBlk8;
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Quantize one row x[0:K] to int8 in blocks of `blk` (K padded with zeros to Kp). scale[b] =
-// amax/127; q = round-half-even(x * (127/amax)), the same arithmetic as the Python reference.
-void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t blk, int8_t* q, float* scale) {
-  for (int64_t b0 = 0, bi = 0; b0 < Kp; b0 += blk, ++bi) {
-    const int64_t n = std::max<int64_t>(0, std::min(blk, K - b0));
-    const float amax = absmax(x + b0, n);
-    int64_t i = 0;
-    scale[bi] = amax / 127.f;
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    i = 0;
-    for (; i + 8 <= n; i += 8) {
-      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + i), vinv));  // nearest-even
-      alignas(32) int32_t t[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
-      for (int k = 0; k < 8; ++k) q[b0 + i + k] = static_cast<int8_t>(t[k]);
-    }
-    for (; i < n; ++i) q[b0 + i] = static_cast<int8_t>(std::nearbyint(x[b0 + i] * inv));
-    for (; i < blk; ++i) q[b0 + i] = 0;
-  }
-}
-
-// Memory-level parallelism decides decode speed: each thread splits its rows into kStreams
-// contiguous runs and walks them round-robin, one row at a time (kStreams sequential streams for
-// the hardware prefetchers), plus a software prefetch kPrefetch bytes ahead in each stream.
-// Measured with 2 threads (int8, N = 1): 1 stream, no prefetch 18-20 GB/s; + prefetch 21-23;
-// 2-3 streams + prefetch 24-30, on par with MKL's fp32 sgemv.
-constexpr int64_t kPrefetch = 2048;
-constexpr int64_t kStreams = 3;
-
-// Calls row_fn(o) for o in [o0, o1) in the stream order above.
-template <typename F>
-inline void for_rows_streamed(int64_t o0, int64_t o1, const F& row_fn) {
-  const int64_t h = (o1 - o0) / kStreams;
-  for (int64_t i = 0; i < h; ++i)
-    for (int64_t j = 0; j < kStreams; ++j) row_fn(o0 + j * h + i);
-  for (int64_t o = o0 + kStreams * h; o < o1; ++o) row_fn(o);
-}
+using qwenrun::kPrefetch;
+using qwenrun::quantize_row;
+using qwenrun::x_row;
+using qwenrun::YWriter;
 
 // w[0:Kp] . quantized activation row (xq, |xq| in xa, block scales xs) -> fp32 (before the
 // per-row weight scale).
@@ -137,10 +99,6 @@ inline float int4_row(const uint8_t* w, const int8_t* sc, const uint16_t* d, con
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// Work split over output rows; at least ~64 KiB of weights per task so tiny linears don't pay
-// a thread wake-up.
-int64_t grain_for(int64_t row_bytes) { return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes)); }
-
 struct Scratch {  // per-thread activation buffers, grown once and reused across calls
   std::vector<int8_t> q, tmp;
   std::vector<uint8_t> a;
@@ -148,39 +106,6 @@ struct Scratch {  // per-thread activation buffers, grown once and reused across
   std::vector<int16_t> c;
 };
 thread_local Scratch scratch;
-
-// Row n of x as fp32: the tensor's own memory, or (bf16 x) converted into a scratch row (exact).
-const float* x_row(const torch::Tensor& x, int64_t n, Scratch& sc) {
-  const int64_t K = x.size(1);
-  if (x.scalar_type() == torch::kFloat32) return x.data_ptr<float>() + n * K;
-  if (static_cast<int64_t>(sc.xf.size()) < K) sc.xf.resize(K);
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + n * K;
-  for (int64_t k = 0; k < K; ++k) sc.xf[k] = bf16_to_f32(src[k]);
-  return sc.xf.data();
-}
-
-// y[n, o] = v in y's dtype: fp32, or bf16 rounded to nearest even (= PyTorch's .to(bfloat16)),
-// so bf16 in / bf16 out is bit-identical to converting around an fp32 call.
-struct YWriter {
-  float* f = nullptr;
-  uint16_t* h = nullptr;
-  int64_t O;
-  explicit YWriter(torch::Tensor& y) : O(y.size(1)) {
-    if (y.scalar_type() == torch::kFloat32) f = y.data_ptr<float>();
-    else h = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-  }
-  void operator()(int64_t n, int64_t o, float v) const {
-    if (f) f[n * O + o] = v;
-    else h[n * O + o] = qwenrun::f32_to_bf16(v);
-  }
-};
-
-void check_common(const torch::Tensor& x, const torch::Tensor& qw, const c10::optional<torch::Tensor>& bias, int64_t O) {
-  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16) &&
-              x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
-  TORCH_CHECK(qw.is_contiguous() && qw.dim() == 2, "packed weight must be contiguous 2-D");
-  if (bias) TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
-}
 
 }  // namespace
 
@@ -199,7 +124,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   uint8_t* xa = sc.a.data();
   float* xs = sc.s.data();
   for (int64_t n = 0; n < N; ++n) {
-    quantize_row(x_row(x, n, sc), K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
+    quantize_row(x_row(x, n, sc.xf), K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
     for (int64_t k = 0; k < Kp; k += 32)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + n * Kp + k),
                           _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + n * Kp + k))));
@@ -237,7 +162,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   const __m256i eight = _mm256_set1_epi8(8);
   for (int64_t n = 0; n < N; ++n) {
     int8_t* t = scr.tmp.data();
-    quantize_row(x_row(x, n, scr), K, Kp, kBlk4, t, xs + n * nsb);
+    quantize_row(x_row(x, n, scr.xf), K, Kp, kBlk4, t, xs + n * nsb);
     int8_t* dst = xq + n * Kp;
     for (int64_t b = 0; b < nsb; ++b) {  // permute into the nibble order, then the offset correction
       for (int g = 0; g < 4; ++g)
@@ -273,6 +198,15 @@ torch::Tensor int8_dequant(const torch::Tensor& qw, const torch::Tensor& scale, 
 torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t r0,
                            int64_t r1, int64_t K, torch::Tensor out);
 
+// gguf_kernels.cpp: GGUF block formats at their own precision.
+torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
+                        const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                        const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, bool nib,
+                        const c10::optional<torch::Tensor>& bias);
+torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
+                         const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
+                         int64_t S, bool nib, int64_t r0, int64_t r1, torch::Tensor out);
+
 // kv_attention.cpp
 torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor ks,
                                       torch::Tensor vs, torch::Tensor slots, torch::Tensor lens,
@@ -284,6 +218,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "int4 weight-only linear (AVX2)");
   m.def("int8_dequant", &int8_dequant, "int8 rows -> fp32");
   m.def("int4_dequant", &int4_dequant, "int4 rows -> fp32");
+  m.def("bq_linear", &bq_linear, "GGUF block-quantized weight linear (AVX2)");
+  m.def("bq_dequant", &bq_dequant, "GGUF block-quantized rows -> fp32/bf16, exactly gguf's values");
   m.def("quantize_int8", &quantize_int8, "fp32 [O, K] -> int8 format");
   m.def("quantize_int4", &quantize_int4, "fp32 [O, K] -> int4 format");
 }

@@ -54,6 +54,7 @@ class LoadedModel:
     device: torch.device
     load_seconds: float
     file_backed_bytes: int = 0  # weights used straight from an mmap'd file (page cache)
+    quantization: str | None = None  # what the weights run at (resolved from EngineConfig's)
 
     @property
     def weight_bytes(self) -> int:
@@ -202,14 +203,22 @@ def load(cfg: EngineConfig, progress: bool = True,
     if gen is None:
         gen = GenerationDefaults()
     gen.eos_token_id = gen.eos_token_id or list(mcfg.eos_token_id)
-    dtype = pick_dtype(cfg.dtype, device, mcfg, cfg.quantization)
+    # "auto": a GGUF runs at its own precision (block formats kept as they are in the file);
+    # a safetensors checkpoint (or random weights) stays dense unless a format is asked for.
+    native = cfg.quantization == "auto" and gguf_model is not None and not cfg.random_weights
+    quantization = "gguf" if native else (None if cfg.quantization == "auto" else cfg.quantization)
+    dtype = pick_dtype(cfg.dtype, device, mcfg, quantization)
+    if native:
+        from ..quant.gguf_linear import native_on_linear
+
+        on_linear = native_on_linear(on_linear)
 
     model = build_on_meta(mcfg)
     n_tensors = sum(1 for _ in model.named_parameters()) - (1 if mcfg.tie_word_embeddings else 0)
     if cfg.random_weights:
         weights = _random_weights(model, cfg.seed)
     elif gguf_model is not None:
-        weights = gguf_model.iter_tensors(torch.float32)
+        weights = gguf_model.iter_tensors(torch.float32, native=native)
     else:
         weights = iter_safetensors(src.path)
     name = cfg.model if src is None else src.name
@@ -222,4 +231,13 @@ def load(cfg: EngineConfig, progress: bool = True,
     model.eval()
     return LoadedModel(name=name, model=model, config=mcfg, tokenizer=tokenizer, generation_defaults=gen,
                        dtype=dtype, device=device, load_seconds=time.perf_counter() - t0,
-                       file_backed_bytes=file_backed)
+                       file_backed_bytes=file_backed, quantization=_describe_quant(model, quantization))
+
+
+def _describe_quant(model: Qwen2ForCausalLM, quantization: str | None) -> str | None:
+    """What the weights run at: None (dense), "int8", "int4", or "gguf:Q4_K,Q6_K,..." (the
+    block formats met in the file, kept as they are)."""
+    if quantization != "gguf":
+        return quantization
+    kinds = sorted({q for m in model.modules() for q in str(getattr(m, "qtype", "")).split("+") if q})
+    return "gguf:" + ",".join(kinds) if kinds else None

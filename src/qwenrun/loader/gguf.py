@@ -62,18 +62,26 @@ class GGUFModel:
     chat_template: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
     tensors: list = field(default_factory=list)
+    mm: Any = None  # the file's read-only mmap (tensor data are views of it)
 
-    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, dense tensor in ``dtype``), dequantizing block formats."""
+    def iter_tensors(self, dtype: torch.dtype = torch.float32, native: bool = False) -> Iterator[tuple[str, Any]]:
+        """Yield (hf_name, tensor): dense tensors in ``dtype``, block formats dequantized; with
+        ``native``, 2-D block-quantized tensors come as ``quant.gguf_linear.BlockWeight`` (the
+        file's values, repacked without loss) instead. Each tensor's file pages are dropped from
+        this process once read, so loading never holds the mapped file and its copy at once."""
         from gguf import quants
 
+        if native:
+            from ..quant.gguf_linear import NATIVE_TYPES, pack
         for t in self.tensors:
             name = hf_name(t.name)
             qtype = t.type_name
             if qtype not in SUPPORTED_TYPES:
                 raise ModelLoadError(f"{self.path}: tensor {t.name} has unsupported type {qtype}")
             try:
-                if qtype == "F32":
+                if native and qtype in NATIVE_TYPES and len(t.shape) == 2:
+                    tensor = pack(qtype, t.data, t.shape)
+                elif qtype == "F32":
                     tensor = torch.from_numpy(t.data.view(np.float32).reshape(t.shape).copy())
                 elif qtype == "F16":
                     tensor = torch.from_numpy(t.data.view(np.float16).reshape(t.shape).copy())
@@ -84,8 +92,23 @@ class GGUFModel:
                     tensor = torch.from_numpy(arr.reshape(t.shape))
             except (ValueError, IndexError, TypeError) as e:
                 raise ModelLoadError(f"{self.path}: cannot read tensor {t.name} ({qtype}): {e}") from None
-            yield name, tensor.to(dtype)
+            finally:
+                self._drop_pages(t)
+            yield name, tensor if not isinstance(tensor, torch.Tensor) else tensor.to(dtype)
 
+    def _drop_pages(self, t: "GGUFTensorInfo") -> None:
+        """MADV_DONTNEED the tensor's mapped pages: they stay in the page cache, not in our RSS."""
+        import mmap
+
+        mm = self.mm
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = t.offset + t.data.nbytes
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
 
 # -- a fast GGUF header parser -------------------------------------------------------------------
@@ -102,6 +125,7 @@ class GGUFTensorInfo:
     shape: list[int]  # row-major (PyTorch) order: reversed GGUF dims
     qtype: Any  # gguf.GGMLQuantizationType
     data: np.ndarray  # raw bytes (uint8) or elements, memory-mapped
+    offset: int = 0  # of the data in the file
 
     @property
     def type_name(self) -> str:
@@ -140,7 +164,7 @@ class _Cursor:
         return self.scalar(t)
 
 
-def _parse(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
+def _parse(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo], Any]:
     import mmap
 
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -188,8 +212,8 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
             raise ValueError(f"tensor {name} runs past the end of the file (truncated download?)")
         shape = [int(d) for d in reversed(dims)]
         raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start + off)
-        tensors.append(GGUFTensorInfo(name, shape, qtype, raw))
-    return meta, tensors
+        tensors.append(GGUFTensorInfo(name, shape, qtype, raw, start + off))
+    return meta, tensors, buf
 
 
 def read_gguf(path: str | Path) -> GGUFModel:
@@ -197,7 +221,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     if not path.is_file():
         raise ModelLoadError(f"no such GGUF file: {path}")
     try:
-        meta, tensors = _parse(path)
+        meta, tensors, mm = _parse(path)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"{path} is not a readable GGUF file (corrupt or truncated?): {e}") from None
     arch = meta.get("general.architecture")
@@ -253,5 +277,5 @@ def read_gguf(path: str | Path) -> GGUFModel:
     return GGUFModel(
         path=path, config=config, tokens=list(tokens), token_types=[int(t) for t in token_types],
         merges=list(merges), special_ids=special, chat_template=meta.get("tokenizer.chat_template"),
-        metadata=meta, tensors=tensors,
+        metadata=meta, tensors=tensors, mm=mm,
     )

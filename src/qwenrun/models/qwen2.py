@@ -53,8 +53,13 @@ class Qwen2Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def fuse_qkv(self, concat: Callable[[list[nn.Module]], nn.Module]) -> None:
-        """One projection instead of three: one kernel call, one output buffer per step."""
-        self.qkv_proj = concat([self.q_proj, self.k_proj, self.v_proj])
+        """One projection instead of three: one kernel call, one output buffer per step (kept
+        separate when ``concat`` refuses: e.g. GGUF q/k/v stored in different block formats)."""
+        try:
+            fused = concat([self.q_proj, self.k_proj, self.v_proj])
+        except ValueError:
+            return
+        self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
@@ -226,11 +231,24 @@ class Qwen2ForCausalLM(nn.Module):
                                      f"config implies {tuple(p.shape)}")
             mod_name, leaf = name.rsplit(".", 1)
             mod = modules[mod_name]
+            seen.add(name)
+            if not isinstance(tensor, torch.Tensor):
+                # a packed weight (GGUF blocks at their own precision): an embedding is replaced
+                # now; a linear keeps it until its bias is in, then on_linear builds the module
+                if isinstance(mod, nn.Embedding):
+                    self._swap(mod_name, tensor.embedding(dtype), modules)
+                else:
+                    mod.packed_weight = tensor
+                    del mod._parameters[leaf]
+                    if on_linear is None:
+                        raise ModelLoadError(f"{name}: a packed weight needs an on_linear to build its module")
+                    if all(f"{mod_name}.{n}" in seen for n, q in mod.named_parameters(recurse=False) if q is not None):
+                        self._swap(mod_name, on_linear(mod_name, mod), modules)
+                continue
             value = tensor.to(device=device, dtype=dtype)
             if value is tensor:
                 in_place += tensor.numel() * tensor.element_size()
             mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-            seen.add(name)
             if on_linear is not None and isinstance(mod, nn.Linear):
                 if all(f"{mod_name}.{n}" in seen for n, q in mod.named_parameters(recurse=False) if q is not None):
                     self._swap(mod_name, on_linear(mod_name, mod), modules)
@@ -239,9 +257,13 @@ class Qwen2ForCausalLM(nn.Module):
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ModelLoadError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            if on_linear is not None:
-                self._swap("lm_head", on_linear("lm_head", self.lm_head), modules)
+            emb = self.model.embed_tokens
+            if not isinstance(emb, nn.Embedding):  # packed table: the head shares its buffers
+                self._swap("lm_head", emb.block_weight.linear(None), modules)
+            else:
+                self.lm_head.weight = emb.weight
+                if on_linear is not None:
+                    self._swap("lm_head", on_linear("lm_head", self.lm_head), modules)
         return in_place
 
     def fuse_qkv(self) -> None:

@@ -7,7 +7,7 @@ from ..config import EngineConfig
 
 
 def quantizer_for(cfg: EngineConfig) -> Callable | None:
-    if cfg.quantization is None:
+    if cfg.quantization in (None, "auto"):  # auto: the loader keeps a GGUF's own formats
         return None
     from .linear import make_quantizer
 

@@ -22,9 +22,12 @@ from types import ModuleType
 log = logging.getLogger("qwenrun")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "kv_attention.cpp", _CSRC / "fused_ops.cpp"]
+SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "gguf_kernels.cpp", _CSRC / "kv_attention.cpp",
+           _CSRC / "fused_ops.cpp"]
 HEADERS = [_CSRC / "quant_common.h"]  # not compiled on their own, but part of the build's identity
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
+# -ffp-contract=off: a * b - c stays two roundings (no fused multiply-add the compiler picks on its
+# own), so the dequantizers reproduce the reference values exactly.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
 _UNSET = object()
 _ops: object = _UNSET
@@ -36,13 +39,13 @@ def disabled_by_env() -> bool:
 
 
 def cpu_supported() -> bool:
-    """The kernels need AVX2 + FMA (x86-64 Haswell / Zen1 or newer)."""
+    """The kernels need AVX2 + FMA + F16C (x86-64 Haswell / Zen1 or newer)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
+                    return {"avx2", "fma", "f16c"} <= flags
     except OSError:
         pass
     return False
@@ -102,7 +105,7 @@ def ops() -> ModuleType | None:
         return None
     if _ops is _UNSET:
         if not cpu_supported():
-            _ops, _error = None, "CPU lacks AVX2/FMA"
+            _ops, _error = None, "CPU lacks AVX2/FMA/F16C"
         else:
             try:
                 _ops = _load()
@@ -111,6 +114,13 @@ def ops() -> ModuleType | None:
                 log.warning("quantized kernels unavailable (%s); using the slower PyTorch path",
                             _error.splitlines()[0][:200])
     return _ops  # type: ignore[return-value]
+
+
+def describe() -> str:
+    """Which code path the quantized linears take on this machine, in words."""
+    if ops() is None:
+        return f"PyTorch fallback ({unavailable_reason()})"
+    return "AVX2+FMA C++ kernels (int8, int4, GGUF blocks; " + " ".join(CFLAGS) + ")"
 
 
 def unavailable_reason() -> str | None:

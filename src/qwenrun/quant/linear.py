@@ -42,6 +42,8 @@ INT4_GROUP = 32
 # 5.3/4.8); int4 N=16 3.8 vs 4.5, N=24 5.2 vs 4.9. Rerun: benchmarks/bench_crossover.py.
 KERNEL_MAX_ROWS = {("int8", torch.float32): 24, ("int4", torch.float32): 48,
                    ("int8", torch.bfloat16): 14, ("int4", torch.bfloat16): 22}
+# GGUF block formats (gguf_linear.py) pick int8's or int4's crossover per tensor (byte or nibble storage).
+KERNEL_MAX_ROWS.update({("gguf", dt): KERNEL_MAX_ROWS["int8", dt] for dt in (torch.float32, torch.bfloat16)})
 TILE_ELEMS = 1 << 22  # weights dequantized per tile on the many-row path (16 MiB of fp32)
 _CHUNK = 1 << 24  # weights quantized at a time at load (bounds temporaries to ~4 dense copies of 64 MiB)
 
@@ -195,7 +197,7 @@ class _QuantLinear(nn.Module):
                 continue
             fused.register_buffer(name, torch.cat([getattr(m, name) for m in mods]))
         if any(m.bias is not None for m in mods):
-            dev = first.qweight.device
+            dev = next(b for n, b in first.named_buffers() if n != "bias").device
             fused.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, device=dev)
                                     for m in mods])
         return fused

@@ -89,7 +89,7 @@ class ServerState:
             if self.chat_template is not None and llm.engine.tokenizer is not None:
                 llm.engine.tokenizer.chat_template = self.chat_template
             print(f"Loaded {lm.name} ({lm.weight_bytes / 2**30:.2f} GiB, {str(lm.dtype).replace('torch.', '')}"
-                  f"{', ' + cfg.quantization if cfg.quantization else ''}, {lm.device}) in "
+                  f"{', ' + lm.quantization if lm.quantization else ''}, {lm.device}) in "
                   f"{time.perf_counter() - t0:.1f}s. {llm.engine.plan.report()}. Serving it as "
                   f"'{self.model_name}'.", file=sys.stderr, flush=True)
             self.serving = OpenAIServing(llm, self.model_name, self.metrics, self.limits)

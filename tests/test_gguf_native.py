@@ -1,0 +1,258 @@
+"""GGUF block formats at their own precision (quantization="auto"): the weights qwenrun multiplies
+by are exactly gguf's dequantization of the file, for every format, in every code path; the GEMV
+kernel equals an fp64 simulation of its arithmetic; models in auto mode stay close to the dense
+dequantized model (same file, same values: only the kernels' int8 activations differ).
+
+Blocks are written in-test: gguf's own quantizer for the formats it has (Q8_0, Q4_0, Q5_0, Q4_1,
+Q5_1), random bytes with sane scales for the K-quants (every bit pattern is a valid block), and
+the demo file's own tensors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwenrun import LLM, SamplingParams
+from qwenrun.config import EngineConfig
+from qwenrun.loader import load
+from qwenrun.quant import kernels
+from qwenrun.quant.gguf_linear import NATIVE_TYPES, GGUFLinear, dequantize, pack
+from test_quant import rel, simulate_kernel
+
+OPS = kernels.ops()
+# (O, K) pairs: odd row counts; K a multiple of each format's block (K-quants: 256); 96 keeps a
+# 4-bit format in int8 storage (not a multiple of 64).
+SHAPES = {"Q8_0": [(7, 96), (33, 2560)], "Q5_0": [(5, 896), (33, 64)], "Q5_1": [(3, 320)],
+          "Q4_0": [(9, 96), (17, 896)], "Q4_1": [(3, 96), (5, 2560)], "Q4_K": [(7, 256), (33, 2560)],
+          "Q5_K": [(5, 512)], "Q6_K": [(9, 256), (17, 4864)]}
+
+
+def gguf_blocks(qtype: str, O: int, K: int, seed: int = 0) -> np.ndarray:
+    """Raw bytes of an [O, K] tensor in ``qtype`` with weights of a plausible size."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    qt = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"):
+        w = rng.standard_normal((O, K)).astype(np.float32) * 0.05
+        w[0, :7] = [0.3, -0.3, 0, 1e-8, -1e-8, 0.2, -0.21]  # extremes and near-zeros in one block
+        return gguf.quants.quantize(w, qt)
+    block, tsize = gguf.GGML_QUANT_SIZES[qt]
+    b = rng.integers(0, 256, size=(O, K // block, tsize), dtype=np.uint8)
+
+    def f16(lo, hi):
+        return rng.uniform(lo, hi, size=(O, K // block, 1)).astype(np.float16).view(np.uint8)
+
+    if qtype in ("Q4_K", "Q5_K"):  # d, dmin then 6-bit scales/mins: centre the weights near 0
+        d = rng.uniform(5e-5, 2e-4, size=(O, K // block, 1)).astype(np.float16)
+        mean_q = 7.5 if qtype == "Q4_K" else 15.5
+        b[..., 0:2] = d.view(np.uint8)
+        b[..., 2:4] = (d.astype(np.float32) * mean_q).astype(np.float16).view(np.uint8)
+    else:  # Q6_K: ... int8 scales, fp16 d last
+        b[..., 208:210] = f16(2e-6, 1e-5)
+    return b.reshape(O, -1)
+
+
+def reference(qtype: str, raw: np.ndarray, O: int, K: int) -> torch.Tensor:
+    import gguf
+
+    arr = gguf.quants.dequantize(raw.reshape(O, -1), gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(O, K))
+
+
+CASES = [(qt, O, K) for qt in NATIVE_TYPES for O, K in SHAPES[qt]]
+
+
+@pytest.mark.parametrize("qtype,O,K", CASES)
+def test_weights_equal_gguf_dequantization_exactly(qtype, O, K):
+    raw = gguf_blocks(qtype, O, K)
+    ref = reference(qtype, raw, O, K)
+    w = pack(qtype, raw, (O, K))
+    assert torch.equal(dequantize(w), ref)  # the PyTorch path (CUDA, no kernels)
+    assert torch.equal(dequantize(w, 1, O - 1), ref[1:O - 1])
+    assert torch.equal(dequantize(w, dtype=torch.bfloat16), ref.to(torch.bfloat16))
+    if OPS is not None:  # the C++ tile dequantizer the many-row path multiplies with
+        out = torch.empty(O - 1, K)
+        got = OPS.bq_dequant(w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, 1, O, out)
+        assert torch.equal(got, ref[1:])
+        out16 = torch.empty(O, K, dtype=torch.bfloat16)
+        assert torch.equal(OPS.bq_dequant(w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, 0, O, out16),
+                           ref.to(torch.bfloat16))
+    bytes_per_weight = sum(t.numel() * t.element_size() for t in w.buffers().values() if t is not None) / (O * K)
+    assert bytes_per_weight <= {"Q4_K": 0.6, "Q4_0": 0.8, "Q4_1": 0.8}.get(qtype if w.nib else "", 1.3)
+
+
+@pytest.mark.parametrize("qtype,O,K", CASES)
+def test_kernel_equals_simulation_of_its_arithmetic(qtype, O, K):
+    """The integer GEMV (N = 1..17 rows) equals fp64 products of the exact weights with the
+    activations quantized to int8 per 32, up to fp32 accumulation."""
+    raw = gguf_blocks(qtype, O, K, seed=1)
+    w = pack(qtype, raw, (O, K))
+    ref_w = reference(qtype, raw, O, K)
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(O, generator=g)
+    lin = GGUFLinear(w, bias)
+    for N in (1, 2, 3, 17):
+        x = torch.randn(N, K, generator=g)
+        if OPS is None or not w.kernel_ok:
+            ref = x.double() @ ref_w.double().T + bias.double()
+            y = lin(x)
+        else:
+            ref = simulate_kernel(x, ref_w, 32) + bias.double()
+            y = OPS.bq_linear(x, w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, lin.bias)
+            assert torch.equal(lin(x), y)  # the module's decode path is this kernel
+        assert y.shape == (N, O) and rel(y, ref) < 2e-6, (qtype, N, rel(y, ref))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "Q5_0"])
+def test_many_rows_and_fallback_paths_multiply_the_exact_weights(qtype, monkeypatch):
+    O, K = SHAPES[qtype][-1]
+    raw = gguf_blocks(qtype, O, K, seed=3)
+    ref_w = reference(qtype, raw, O, K)
+    lin = GGUFLinear(pack(qtype, raw, (O, K)))
+    x = torch.randn(64, K, generator=torch.Generator().manual_seed(4))  # > the kernel's row limit
+    exact = x.double() @ ref_w.double().T
+    assert rel(lin(x), exact) < 1e-6  # tiles dequantized exactly, fp32 GEMM
+    lin.use_kernel = False  # the pure-PyTorch path
+    assert rel(lin(x[:3]), exact[:3]) < 1e-6
+    assert rel(lin(x.view(4, 16, K)).view(64, O), exact) < 1e-6
+
+
+def test_q8_0_minus_128_takes_the_exact_path():
+    """GGUF Q8_0 can hold -128, which the sign trick cannot: such a tensor multiplies exactly
+    on the dequantizing path instead of the integer kernel."""
+    import gguf
+
+    O, K = 4, 64
+    b = gguf_blocks("Q8_0", O, K).reshape(O, K // 32, 34).copy()
+    b[1, 0, 2] = 0x80  # q = -128
+    raw = b.reshape(O, -1)
+    w = pack("Q8_0", raw, (O, K))
+    assert not w.kernel_ok
+    lin = GGUFLinear(w)
+    assert not lin.use_kernel
+    x = torch.randn(1, K)
+    ref = x.double() @ reference("Q8_0", raw, O, K).double().T
+    assert rel(lin(x), ref) < 1e-6
+    assert gguf.GGMLQuantizationType.Q8_0  # (the reference reads the same bytes)
+
+
+def test_concat_stacks_only_matching_layouts():
+    a = GGUFLinear(pack("Q5_0", gguf_blocks("Q5_0", 8, 64, 5), (8, 64)), torch.randn(8))
+    b = GGUFLinear(pack("Q8_0", gguf_blocks("Q8_0", 4, 64, 6), (4, 64)))
+    c = GGUFLinear(pack("Q4_0", gguf_blocks("Q4_0", 4, 64, 7), (4, 64)))
+    fused = GGUFLinear.concat([a, b])  # same storage and geometry: rows stack
+    x = torch.randn(2, 64)
+    assert fused is not None and fused.qtype == "Q5_0+Q8_0"
+    assert torch.equal(fused(x), torch.cat([a(x), b(x)], -1))
+    with pytest.raises(ValueError):  # nibbles vs bytes: the model keeps them separate
+        GGUFLinear.concat([a, c])
+
+
+# -- models -------------------------------------------------------------------------------------
+def _kquant_gguf(src_dir, dst, types: dict[str, str]):
+    """A tiny GGUF whose 2-D tensors are block formats: types maps a name fragment → format."""
+    import gguf
+    from test_gguf import write_gguf
+
+    def quantize(arr: np.ndarray, qt):
+        name = gguf.GGMLQuantizationType(qt).name
+        return gguf_blocks(name, arr.shape[0], arr.shape[1], seed=arr.shape[0] * 7 + arr.shape[1])
+
+    return write_gguf(src_dir, dst, "Q8_0", quantizer=quantize, types=types)
+
+
+@pytest.fixture(scope="module")
+def tiny_kq(tmp_path_factory):
+    """Tied embeddings, K-quant shapes (hidden 256, MLP 512), mixed formats like a Q4_K_M file."""
+    from tiny import write_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("tiny-kq")
+    src = write_tiny_checkpoint(d / "hf", hidden=256, intermediate=512, heads=4, kv_heads=2, tie=True)
+    return _kquant_gguf(src, d / "tiny-kq.gguf", {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q4_K",
+                                                  "attn_v": "Q6_K", "attn_output": "Q5_K", "ffn_gate": "Q4_K",
+                                                  "ffn_up": "Q4_K", "ffn_down": "Q6_K"})
+
+
+def test_tiny_kquant_model_auto_matches_dense_dequantization(tiny_kq):
+    from test_model_parity import PROMPT, full_logits
+
+    auto = load(EngineConfig(model=str(tiny_kq)), progress=False)
+    dense = load(EngineConfig(model=str(tiny_kq), quantization="none"), progress=False)
+    assert auto.quantization == "gguf:Q4_K,Q5_K,Q6_K" and dense.quantization is None
+    m = auto.model
+    assert isinstance(m.lm_head, GGUFLinear) and m.lm_head.q is m.model.embed_tokens.q  # tied: one table
+    assert auto.weight_bytes < dense.weight_bytes / 3.5
+    checked = 0
+    for name, mod in dense.model.named_modules():  # every weight equals the dense dequantization
+        if name.endswith(("o_proj", "gate_up_proj", "down_proj")):  # gate/up: both Q4_K, stacked
+            assert torch.equal(m.get_submodule(name).dequantize(), mod.weight), name
+            checked += 1
+    assert checked == 3 * auto.config.num_hidden_layers
+    assert torch.equal(m.lm_head.dequantize(), dense.model.lm_head.weight)
+    ids = auto.tokenizer.encode(PROMPT)
+    a, b = full_logits(auto.model, ids), full_logits(dense.model, ids)
+    assert ((a - b).norm() / b.norm()).item() < 0.02  # int8 activations in the kernels only
+    emb_ids = torch.tensor([0, 5, 5, 17])
+    assert torch.equal(m.model.embed_tokens(emb_ids), dense.model.model.embed_tokens(emb_ids))
+
+
+# Multiple-choice items scored by log-likelihood of each option after the question.
+MC = [("The capital of France is", [" Paris", " Berlin", " Madrid", " Rome"]),
+      ("2 + 2 =", [" 4", " 5", " 22", " 3"]),
+      ("The opposite of hot is", [" cold", " warm", " loud", " blue"]),
+      ("Water freezes at 0 degrees", [" Celsius", " Kelvin", " meters", " seconds"]),
+      ("In Python, a function is defined with the keyword", [" def", " func", " function", " lambda"]),
+      ("The largest planet in the solar system is", [" Jupiter", " Mars", " Venus", " Mercury"]),
+      ("A week has seven", [" days", " hours", " months", " years"]),
+      ("The chemical symbol for gold is", [" Au", " Ag", " Fe", " Go"]),
+      ("SELECT * FROM users WHERE id", [" =", " +", " (", " ;"]),
+      ("The sun rises in the", [" east", " west", " north", " south"]),
+      ("def add(a, b):\n    return a", [" + b", " - b", " * b", " / b"]),
+      ("Le ciel est", [" bleu", " rouge", " vert", " noir"])]
+
+
+def _mc_scores(llm: LLM) -> list[list[float]]:
+    """Summed log-probability of each option's tokens after its question (one batched call)."""
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(q + o) for q, options in MC for o in options]
+    starts = [len(tok.encode(q)) for q, options in MC for _ in options]
+    res = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0))
+    flat = [sum(d[t] for d, t in zip(r.prompt_logprobs[n:], ids[n:])) for r, ids, n in zip(res, prompts, starts)]
+    return [flat[i:i + 4] for i in range(0, len(flat), 4)]
+
+
+def test_demo_auto_runs_the_file_precision_close_to_dense(demo_path):
+    """The demo GGUF in auto mode: each of its formats (Q5_0, Q8_0, Q4_K, Q6_K) used as stored,
+    no dense copy (weights ~3.9x smaller than fp32), logits within a stated bound of the dense
+    dequantized model, identical picks on a multiple-choice task scored by log-likelihood."""
+    dense = LLM(str(demo_path), quantization="none", kv_cache_memory=0.25, max_model_len=2048)
+    auto = LLM(str(demo_path), kv_cache_memory=0.25, max_model_len=2048)  # the default is auto
+    la, ld = auto.engine.loaded, dense.engine.loaded
+    assert la.quantization == "gguf:Q4_K,Q5_0,Q6_K,Q8_0"
+    assert la.weight_bytes < ld.weight_bytes / 3.5
+    sa, sd = _mc_scores(auto), _mc_scores(dense)
+    picks_a = [int(np.argmax(s)) for s in sa]
+    assert picks_a == [int(np.argmax(s)) for s in sd]
+    assert sum(p == 0 for p in picks_a) >= 10  # the task is answerable by the model
+    worst = max(abs(x - y) for a, b in zip(sa, sd) for x, y in zip(a, b))
+    print(f"max |log-likelihood difference| auto vs dense: {worst:.4f} nats")
+    assert worst < 0.5, worst  # nats; the kernels' int8 activations (per 32) are the only difference
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    text = auto.chat(msgs, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0].text
+    assert "Paris" in text
+
+
+def test_auto_keeps_safetensors_dense_and_other_formats_only_when_asked(tiny_dir, tiny_kq):
+    from qwenrun.quant.linear import Int8Linear
+
+    st = load(EngineConfig(model=str(tiny_dir)), progress=False)  # auto on safetensors: dense
+    assert st.quantization is None and isinstance(st.model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    from qwenrun.quant import quantizer_for
+
+    cfg = EngineConfig(model=str(tiny_kq), quantization="int8")
+    asked = load(cfg, progress=False, on_linear=quantizer_for(cfg))  # a second rounding, asked for
+    assert asked.quantization == "int8" and isinstance(asked.model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert EngineConfig(model="x", quantization="none").quantization is None
+    with pytest.raises(ValueError, match="auto"):
+        EngineConfig(model="x", quantization="q4_k")
