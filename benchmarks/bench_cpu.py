@@ -88,15 +88,16 @@ def bench_llamacpp(py: str, path: str, prompt: list[int], decode_len: int, repea
 
 
 LOAD = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from qwenrun.config import EngineConfig
 from qwenrun.loader import load
 from qwenrun.quant import quantizer_for
 cfg = EngineConfig(model=sys.argv[1], quantization=None if sys.argv[2] == "none" else sys.argv[2])
 lm = load(cfg, progress=False, on_linear=quantizer_for(cfg))
-print(json.dumps({"load_s": time.perf_counter() - t0, "load_peak_rss_gb": resource.getrusage(
-    resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "weights_gb": lm.weight_bytes / 1e9, "quant": lm.quantization}))
+hwm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM"))  # this process only
+print(json.dumps({"load_s": time.perf_counter() - t0, "load_peak_rss_gb": hwm * 1024 / 1e9,
+                  "weights_gb": lm.weight_bytes / 1e9, "quant": lm.quantization}))
 """
 
 

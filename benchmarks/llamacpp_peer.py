@@ -22,8 +22,6 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    import resource
-
     import llama_cpp
     import numpy as np
     from gguf import GGUFReader
@@ -34,7 +32,8 @@ def main() -> int:
     llm = Llama(model_path=args.gguf, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048,
                 n_batch=len(prompt), verbose=False)
     load_s = time.perf_counter() - t0
-    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (kept across fork + exec)
+    load_rss = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM")) * 1024
     pre, dec = [], []
     for r in range(args.repeats + 1):
         llm.reset()
