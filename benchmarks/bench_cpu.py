@@ -32,7 +32,8 @@ def med(xs):
     return statistics.median(xs)
 
 
-def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: int, conc: int, repeats: int):
+def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: int, conc: int, repeats: int,
+                  max_model_len: int = 4096):
     """Prefill, decode and aggregate decode of one qwenrun configuration (this process)."""
     from qwenrun.bench import _linear_bytes_and_params
     from qwenrun.config import EngineConfig
@@ -40,7 +41,7 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
     from qwenrun.outputs import OutputKind
     from qwenrun.sampling_params import SamplingParams
 
-    eng = LLMEngine(EngineConfig(model=model, quantization=quant, kv_cache_memory=1.0, max_model_len=4096,
+    eng = LLMEngine(EngineConfig(model=model, quantization=quant, kv_cache_memory=1.0, max_model_len=max_model_len,
                                  max_num_batched_tokens=len(prompt)), progress=False)
     wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
     sp = SamplingParams(temperature=0, max_tokens=decode_len, ignore_eos=True, repetition_penalty=1.0)
@@ -174,6 +175,7 @@ def main() -> int:
     ap.add_argument("--decode-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=4096, help="qwenrun's context (KV pool of 1 GiB)")
     args = ap.parse_args()
     from qwenrun.bench import measure_limits, peak_key
     from qwenrun.loader import resolve
@@ -198,7 +200,7 @@ def main() -> int:
     results = []
     for q in args.quant.split(","):
         r = bench_qwenrun(args.model, None if q == "none" else q, prompt, args.decode_len, args.concurrency,
-                          args.repeats)
+                          args.repeats, args.max_model_len)
         if not args.no_load:
             r.update(bench_load(args.model, q))
         results.append(r)
