@@ -218,10 +218,8 @@ class GGUFLinear(_QuantLinear):
         self.qtype, self.G, self.S, self.nib = w.qtype, w.G, w.S, w.nib
         for name, t in w.buffers().items():
             self.register_buffer(name, t)
-        # 4-bit rows cross over to the tiled GEMM later, like int4 (measured for int8/int4)
-        kind = "int4" if self.nib else "int8"
-        self.max_kernel_rows = KERNEL_MAX_ROWS[kind, torch.float32]
-        self.max_kernel_rows_bf16 = KERNEL_MAX_ROWS[kind, torch.bfloat16]
+        self.max_kernel_rows = KERNEL_MAX_ROWS["gguf", torch.float32]
+        self.max_kernel_rows_bf16 = KERNEL_MAX_ROWS["gguf", torch.bfloat16]
         if not w.kernel_ok:
             self._ops = None  # exact dequantize-and-multiply path for this tensor
 

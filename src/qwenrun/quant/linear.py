@@ -42,8 +42,10 @@ INT4_GROUP = 32
 # 5.3/4.8); int4 N=16 3.8 vs 4.5, N=24 5.2 vs 4.9. Rerun: benchmarks/bench_crossover.py.
 KERNEL_MAX_ROWS = {("int8", torch.float32): 24, ("int4", torch.float32): 48,
                    ("int8", torch.bfloat16): 14, ("int4", torch.bfloat16): 22}
-# GGUF block formats (gguf_linear.py) pick int8's or int4's crossover per tensor (byte or nibble storage).
-KERNEL_MAX_ROWS.update({("gguf", dt): KERNEL_MAX_ROWS["int8", dt] for dt in (torch.float32, torch.bfloat16)})
+# GGUF block formats (gguf_linear.py): their kernel applies a scale per 32 weights per row, so it
+# turns compute-bound sooner. 4B Q8_0 on Zen 3 (2 threads): 1 row 0.19 s per step, 16 rows 4.6 s
+# through the kernel, 128 rows 0.10 s per row through the tiles; estimated crossover ~6 (not swept).
+KERNEL_MAX_ROWS.update({("gguf", dt): 6 for dt in (torch.float32, torch.bfloat16)})
 TILE_ELEMS = 1 << 22  # weights dequantized per tile on the many-row path (16 MiB of fp32)
 _CHUNK = 1 << 24  # weights quantized at a time at load (bounds temporaries to ~4 dense copies of 64 MiB)
 
