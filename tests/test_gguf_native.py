@@ -100,7 +100,8 @@ def test_kernel_equals_simulation_of_its_arithmetic(qtype, O, K):
         else:
             ref = simulate_kernel(x, ref_w, 32) + bias.double()
             y = OPS.bq_linear(x, w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, lin.bias)
-            assert torch.equal(lin(x), y)  # the module's decode path is this kernel
+            if N <= lin.max_kernel_rows:
+                assert torch.equal(lin(x), y)  # the module's decode path is this kernel
         assert y.shape == (N, O) and rel(y, ref) < 2e-6, (qtype, N, rel(y, ref))
 
 
