@@ -248,12 +248,12 @@ def test_auto_keeps_safetensors_dense_and_other_formats_only_when_asked(tiny_dir
     from qwenrun.quant.linear import Int8Linear
 
     st = load(EngineConfig(model=str(tiny_dir)), progress=False)  # auto on safetensors: dense
-    assert st.quantization is None and isinstance(st.model.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert st.quantization is None and isinstance(st.model.model.layers[0].mlp.gate_up_proj, torch.nn.Linear)
     from qwenrun.quant import quantizer_for
 
     cfg = EngineConfig(model=str(tiny_kq), quantization="int8")
     asked = load(cfg, progress=False, on_linear=quantizer_for(cfg))  # a second rounding, asked for
-    assert asked.quantization == "int8" and isinstance(asked.model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert asked.quantization == "int8" and isinstance(asked.model.model.layers[0].mlp.gate_up_proj, Int8Linear)
     assert EngineConfig(model="x", quantization="none").quantization is None
     with pytest.raises(ValueError, match="auto"):
         EngineConfig(model="x", quantization="q4_k")
