@@ -311,7 +311,8 @@ def test_killed_replica_fails_its_requests_cleanly_and_serve_replaces_it(ray_srv
             next(lines)
             # load beside it: short requests on both replicas while the victim dies
             load = [ex.submit(post, ray_srv, "/v1/completions", {"model": "tiny", "prompt": f"{i} load {i}",
-                                                                 "max_tokens": 16}) for i in range(12)]
+                                                                 "max_tokens": 16, "ignore_eos": True})
+                    for i in range(12)]
             time.sleep(0.5)
             os.kill(pids[victim], signal.SIGKILL)
             events = [json.loads(x[6:]) if x != "data: [DONE]" else "[DONE]"
