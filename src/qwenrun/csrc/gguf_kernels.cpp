@@ -227,25 +227,36 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c
   float* of = bf16 ? nullptr : out.data_ptr<float>();
   uint16_t* oh = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(r0, r1, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t a, int64_t e) {
-    float buf[kChunk];
+    alignas(32) float buf[kChunk];
+    alignas(32) int8_t qb[kChunk];
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t o = a; o < e; ++o) {
       const uint8_t* w = W.q + o * W.ldq;
       for (int64_t b = 0; b < W.nb; ++b) {
         const int64_t s = b >> W.sshift;
         const float dv = _cvtsh_ss(W.d[o * W.ldd + s]);
-        for (int64_t i = 0; i < kChunk; ++i) {
-          const int64_t k = b * kChunk + i;
-          float qv;
-          if (nib) {  // 64 weights per 32 bytes: byte (k / 64) * 32 + k % 32, low nibble if k % 64 < 32
-            const uint8_t byte = w[(k >> 6) * 32 + (k & 31)];
-            qv = static_cast<float>((k & 32) ? (byte >> 4) : (byte & 15));
-          } else {
-            qv = static_cast<float>(reinterpret_cast<const int8_t*>(w)[k]);
-          }
-          const float scale = W.sc ? dv * static_cast<float>(W.sc[o * W.ldg + k / G]) : dv;
-          float v = scale * qv;
-          if (W.dm) v = v - _cvtsh_ss(W.dm[o * W.ldd + s]) * static_cast<float>(W.mn[o * W.ldg + k / G]);
-          buf[i] = v;
+        // the chunk's 32 values as int8: bytes, or one nibble half of a 64-weight group
+        __m256i qv;
+        if (nib) {
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (b >> 1) * 32));
+          qv = _mm256_and_si256((b & 1) ? _mm256_srli_epi16(bytes, 4) : bytes, m4);
+        } else {
+          qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kChunk));
+        }
+        _mm256_store_si256(reinterpret_cast<__m256i*>(qb), qv);
+        // scale of weights 0-15 and 16-31 (two groups of 16 for Q6_K): d * sc, as gguf computes it
+        float s0 = dv, s1 = dv;
+        if (W.sc) {
+          s0 = dv * static_cast<float>(W.sc[o * W.ldg + (b * kChunk) / G]);
+          s1 = dv * static_cast<float>(W.sc[o * W.ldg + (b * kChunk + 16) / G]);
+        }
+        const __m256 off = _mm256_set1_ps(W.dm ? _cvtsh_ss(W.dm[o * W.ldd + s]) * static_cast<float>(W.mn[o * W.ldg + b])
+                                               : 0.f);  // offsets come with G == 32
+        for (int j = 0; j < 4; ++j) {  // v = (d * sc) * q, then - dm * mn: two roundings, as the reference
+          const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * j))));
+          __m256 v = _mm256_mul_ps(qf, _mm256_set1_ps(j < 2 ? s0 : s1));
+          if (W.dm) v = _mm256_sub_ps(v, off);
+          _mm256_store_ps(buf + 8 * j, v);
         }
         const int64_t base = (o - r0) * K + b * kChunk;
         if (bf16) for (int64_t i = 0; i < kChunk; ++i) oh[base + i] = f32_to_bf16(buf[i]);
