@@ -146,26 +146,24 @@ class BlockManager:
         keep = self.blocks_needed(num_tokens)
         assert keep >= seq.num_hashed_blocks, "cannot truncate into prefix-cached blocks"
         while len(seq.block_table) > keep:
-            bid = seq.block_table.pop()
-            b = self.blocks[bid]
-            b.ref_count -= 1
-            assert b.ref_count >= 0, f"block {bid} released twice"
-            if b.ref_count == 0:
-                self.free[bid] = None
-                if b.hash is None:
-                    self.free.move_to_end(bid, last=False)
+            self._release(seq.block_table.pop())
+
+    def _release(self, bid: int) -> None:
+        """Drop one reference to block ``bid``; at zero it joins the free list (uncached blocks at
+        the front: handed out before any cached block is evicted)."""
+        b = self.blocks[bid]
+        b.ref_count -= 1
+        assert b.ref_count >= 0, f"block {bid} released twice"
+        if b.ref_count == 0:
+            self.free[bid] = None
+            if b.hash is None:
+                self.free.move_to_end(bid, last=False)
 
     def free_seq(self, seq: Sequence) -> None:
         """Release all of seq's blocks. Tail blocks are released first so that, among a
         sequence's cached blocks, the deepest (least reusable) are evicted first."""
         for bid in reversed(seq.block_table):
-            b = self.blocks[bid]
-            b.ref_count -= 1
-            assert b.ref_count >= 0, f"block {bid} released twice"
-            if b.ref_count == 0:
-                self.free[bid] = None
-                if b.hash is None:
-                    self.free.move_to_end(bid, last=False)  # uncached: hand out before evicting
+            self._release(bid)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0

@@ -142,7 +142,7 @@ class NgramProposer:
         return []
 
     def release(self, seq: Sequence) -> None:
-        pass
+        """Nothing to free: the n-gram index lives in the sequence's own _SeqSpec."""
 
 
 class _SeqSpec:
