@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench_gguf_dequant.py NEW_BUILD OLD_BUILD
 
 BUILD: a directory name under ~/.cache/qwenrun/kernels (``python -c "from qwenrun.quant.kernels
-import build_name; print(build_name())"`` names the current one). Both builds must take fp16 d."""
+import build_name; print(build_name())"`` names the current one). Both builds must take the bq_dequant signature with qh, bits and zp
+(the bit-plane layouts)."""
 from __future__ import annotations
 
 import glob
@@ -41,7 +42,7 @@ def main() -> int:
             ts = []
             for _ in range(5):
                 t = time.perf_counter()
-                m.bq_dequant(w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, 0, O, out)
+                m.bq_dequant(*w.kernel_args(), 0, O, out)
                 ts.append(time.perf_counter() - t)
             print(f"{qt} {label}: {min(ts) * 1e3:.1f} ms for a {O}x{K} tile")
     return 0

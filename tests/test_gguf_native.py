@@ -73,18 +73,21 @@ def test_weights_equal_gguf_dequantization_exactly(qtype, O, K):
     assert torch.equal(dequantize(w, dtype=torch.bfloat16), ref.to(torch.bfloat16))
     if OPS is not None:  # the C++ tile dequantizer the many-row path multiplies with
         out = torch.empty(O - 1, K)
-        got = OPS.bq_dequant(w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, 1, O, out)
+        got = OPS.bq_dequant(*w.kernel_args(), 1, O, out)
         assert torch.equal(got, ref[1:])
         out16 = torch.empty(O, K, dtype=torch.bfloat16)
-        assert torch.equal(OPS.bq_dequant(w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, 0, O, out16),
+        assert torch.equal(OPS.bq_dequant(*w.kernel_args(), 0, O, out16),
                            ref.to(torch.bfloat16))
+    # storage at the file's size: bit planes for 4/5/6-bit formats whenever rows are a multiple of 64
+    assert w.bits == (8 if qtype == "Q8_0" or K % 64 else int(qtype[1])), w.bits
     bytes_per_weight = sum(t.numel() * t.element_size() for t in w.buffers().values() if t is not None) / (O * K)
-    assert bytes_per_weight <= {"Q4_K": 0.6, "Q4_0": 0.8, "Q4_1": 0.8}.get(qtype if w.nib else "", 1.3)
+    bound = {"Q4_K": 0.6, "Q4_0": 0.8, "Q4_1": 0.8, "Q5_0": 0.8, "Q5_1": 0.8, "Q5_K": 0.71, "Q6_K": 0.83}
+    assert bytes_per_weight <= bound.get(qtype if w.nib else "", 1.3), bytes_per_weight
 
 
 @pytest.mark.parametrize("qtype,O,K", CASES)
 def test_kernel_equals_simulation_of_its_arithmetic(qtype, O, K):
-    """The integer GEMV (N = 1..17 rows) equals fp64 products of the exact weights with the
+    """The integer GEMV (N = 1..17 rows: 1-4 rows per unpacked chunk, the many-row blocking) equals fp64 products of the exact weights with the
     activations quantized to int8 per 32, up to fp32 accumulation."""
     raw = gguf_blocks(qtype, O, K, seed=1)
     w = pack(qtype, raw, (O, K))
@@ -92,14 +95,14 @@ def test_kernel_equals_simulation_of_its_arithmetic(qtype, O, K):
     g = torch.Generator().manual_seed(2)
     bias = torch.randn(O, generator=g)
     lin = GGUFLinear(w, bias)
-    for N in (1, 2, 3, 17):
+    for N in (1, 2, 3, 4, 5, 9, 17):
         x = torch.randn(N, K, generator=g)
         if OPS is None or not w.kernel_ok:
             ref = x.double() @ ref_w.double().T + bias.double()
             y = lin(x)
         else:
             ref = simulate_kernel(x, ref_w, 32) + bias.double()
-            y = OPS.bq_linear(x, w.q, w.d, w.sc, w.dm, w.mn, w.G, w.S, w.nib, lin.bias)
+            y = OPS.bq_linear(x, *w.kernel_args(), lin.bias)
             if N <= lin.max_kernel_rows:
                 assert torch.equal(lin(x), y)  # the module's decode path is this kernel
         assert y.shape == (N, O) and rel(y, ref) < 2e-6, (qtype, N, rel(y, ref))
@@ -139,15 +142,23 @@ def test_q8_0_minus_128_takes_the_exact_path():
 
 
 def test_concat_stacks_only_matching_layouts():
-    a = GGUFLinear(pack("Q5_0", gguf_blocks("Q5_0", 8, 64, 5), (8, 64)), torch.randn(8))
-    b = GGUFLinear(pack("Q8_0", gguf_blocks("Q8_0", 4, 64, 6), (4, 64)))
+    a = GGUFLinear(pack("Q5_0", gguf_blocks("Q5_0", 8, 96, 5), (8, 96)), torch.randn(8))  # int8 storage
+    b = GGUFLinear(pack("Q8_0", gguf_blocks("Q8_0", 4, 96, 6), (4, 96)))
     c = GGUFLinear(pack("Q4_0", gguf_blocks("Q4_0", 4, 64, 7), (4, 64)))
+    d = GGUFLinear(pack("Q5_0", gguf_blocks("Q5_0", 4, 64, 8), (4, 64)), torch.randn(4))  # bit planes
+    e = GGUFLinear(pack("Q5_1", gguf_blocks("Q5_1", 4, 64, 9), (4, 64)))
+    x = torch.randn(2, 96)
     fused = GGUFLinear.concat([a, b])  # same storage and geometry: rows stack
-    x = torch.randn(2, 64)
     assert fused is not None and fused.qtype == "Q5_0+Q8_0"
     assert torch.equal(fused(x), torch.cat([a(x), b(x)], -1))
-    with pytest.raises(ValueError):  # nibbles vs bytes: the model keeps them separate
-        GGUFLinear.concat([a, c])
+    x = torch.randn(2, 64)
+    fused = GGUFLinear.concat([d, e])  # both nibbles + high-bit words + offsets
+    assert fused.qtype == "Q5_0+Q5_1" and fused.qh is not None
+    assert torch.equal(fused(x), torch.cat([d(x), e(x)], -1))
+    assert torch.equal(fused.dequantize(), torch.cat([d.dequantize(), e.dequantize()]))
+    for pair in ([c, d], [a, d]):  # nibbles vs nibbles + plane, bytes vs planes: kept separate
+        with pytest.raises(ValueError):
+            GGUFLinear.concat(pair)
 
 
 # -- models -------------------------------------------------------------------------------------

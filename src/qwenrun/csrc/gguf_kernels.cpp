@@ -1,13 +1,19 @@
 // AVX2 kernels for GGUF's block-quantized weights, run at the file's own precision (no second
 // rounding). qwenrun/quant/gguf_linear.py repacks each GGUF tensor, losslessly, into one layout:
 //
-//   w[o, k] = (d[o, s] * sc[o, g]) * q[o, k] - dm[o, s] * mn[o, g]
+//   w[o, k] = (d[o, s] * sc[o, g]) * (u[o, k] - zp) - dm[o, s] * mn[o, g]
 //
 //   s = k / S (super-block: S = 32 for Q8_0/Q5_0/Q4_0/..., 256 for the K-quants),
 //   g = k / G (group: 32, or 16 for Q6_K); sc (int8) absent = 1; dm/mn absent = no offset.
-//   q: int8 [O, K] ("q8" storage: Q8_0, Q5_0, Q5_1, Q5_K, Q6_K), or nibbles uint8 [O, K/2]
-//   ("q4" storage: Q4_0, Q4_1, Q4_K) laid out as GGUF's Q4_K: per 64 weights 32 bytes, the low
-//   nibble of byte i is weight i, the high nibble weight 32 + i.
+//   u, the stored integer, in one of four storages (`bits`):
+//     8  int8 bytes [O, K] (Q8_0; 4/5-bit formats whose rows are not a multiple of 64)
+//     4  nibbles [O, K/2]: per 64 weights 32 bytes, the low nibble of byte i is weight i, the
+//        high nibble weight 32 + i (GGUF's Q4_K order)
+//     5  the nibbles as for 4, plus qh [O, K/8]: per 32 weights a little-endian 32-bit word whose
+//        bit i is bit 4 of weight i (GGUF's Q5_0 order)
+//     6  the nibbles as for 4, plus qh [O, K/4]: per 128 weights 32 bytes, bits 2c..2c+1 of byte
+//        i are bits 4-5 of weight 32c + i (GGUF's Q6_K order)
+//   zp: a zero point subtracted from u (32 for Q6_K, else 0).
 //   d, dm fp16 (GGUF's own values, converted to fp32 exactly with F16C when used); sc, mn int8
 //   (GGUF's 6-bit / int8 scales).
 //
@@ -15,7 +21,10 @@
 // bq_dequant returns its values exactly. The GEMV quantizes activations to int8 per 32 (one fp32
 // scale each, the same quantize_row as the int8/int4 kernels), multiplies with
 // _mm256_maddubs_epi16 / _mm256_madd_epi16 and applies the weight's scales per 32 (or 16) in fp32.
-// The offset term sum_k x_k * dm * mn uses the quantized activations' block sums.
+// The per-32 float scales (d * sc * activation scale) and the offset term
+// sum_k x_k * dm * mn (from the quantized activations' block sums) are computed 8 chunks at a
+// time in vector registers, so the inner loop per 32 weights is unpack, one integer dot product,
+// one convert and one FMA. Up to 4 activation rows share each unpacked weight chunk.
 // One caveat, as in ggml: the sign trick (|x| * sign(w, x)) cannot represent w = -128, which
 // llama.cpp's Q8_0 quantizer never writes; the Python side routes a tensor holding it to the
 // (exact, slower) dequantize-and-multiply path.
@@ -40,104 +49,307 @@ using qwenrun::x_row;
 using qwenrun::YWriter;
 
 constexpr int64_t kChunk = 32;  // activation block = the smallest GGUF block
+constexpr int kGroup = 8;       // chunks whose scales are computed together (one K-quant super-block)
+constexpr int kMaxNR = 4;       // activation rows sharing one unpacked weight chunk
 
 struct Weight {  // one packed weight, raw pointers + geometry
   const uint8_t* q;
+  const uint8_t* qh;  // high-bit plane (bits 5, 6)
   const uint16_t* d;  // fp16
   const int8_t* sc;
   const uint16_t* dm;  // fp16
   const int8_t* mn;
-  int64_t K, nb, ldq, ldd, ldg;  // nb = K / 32 chunks; row strides of q (bytes), d/dm, sc/mn
-  int sshift;                    // chunk index >> sshift = super-block index
+  int64_t K, nb, ldq, ldh, ldd, ldg;  // nb = K / 32 chunks; row strides of q, qh (bytes), d/dm, sc/mn
+  int sshift;                         // chunk index >> sshift = super-block index
+  int bits, zp;
 };
 
-struct Act {  // one quantized activation row
+struct Act {  // one quantized activation row (scales and sums padded to a multiple of kGroup)
   const int8_t* xq;
   const uint8_t* xa;
   const float* xs;
   const float* xsum;
 };
 
-// dot product of one weight row with one activation row (before the bias)
-template <bool Nib, int G, bool Min, bool Sc>
-inline float bq_row(const Weight& W, int64_t o, const Act& A) {
+// Byte j of the result is 0x10 where bit j of `word` is set, else 0.
+inline __m256i bit4_from_word(uint32_t word) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  //
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x(0x8040201008040201LL);  // byte j tests bit j % 8
+  const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(word)), spread);
+  const __m256i hit = _mm256_cmpeq_epi8(_mm256_and_si256(b, sel), sel);
+  return _mm256_and_si256(hit, _mm256_set1_epi8(0x10));
+}
+
+// The stored integers (u - zp) of chunks c and c + 1 (c even) of one row, as int8 lanes.
+template <int Bits, int Zp>
+inline void load_pair(const uint8_t* w, const uint8_t* h, int64_t c, __m256i& v0, __m256i& v1) {
+  if constexpr (Bits == 8) {
+    v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunk));
+    v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c + 1) * kChunk));
+  } else {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (c >> 1) * 32));
+    v0 = _mm256_and_si256(bytes, m4);
+    v1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+    if constexpr (Bits == 6) {  // bits 2j..2j+1 of each plane byte, j = c % 4, are bits 4-5 of chunk c
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + (c >> 2) * 32));
+      const __m256i m3 = _mm256_set1_epi8(0x30);
+      const __m256i t = (c & 2) ? hb : _mm256_slli_epi16(hb, 4);  // chunk c's two bits at 4-5
+      v0 = _mm256_or_si256(v0, _mm256_and_si256(t, m3));
+      v1 = _mm256_or_si256(v1, _mm256_and_si256(_mm256_srli_epi16(t, 2), m3));
+    } else if constexpr (Bits == 5) {
+      uint32_t w0, w1;
+      std::memcpy(&w0, h + c * 4, 4);
+      std::memcpy(&w1, h + c * 4 + 4, 4);
+      v0 = _mm256_or_si256(v0, bit4_from_word(w0));
+      v1 = _mm256_or_si256(v1, bit4_from_word(w1));
+    }
+    if constexpr (Zp != 0) {
+      v0 = _mm256_sub_epi8(v0, _mm256_set1_epi8(Zp));
+      v1 = _mm256_sub_epi8(v1, _mm256_set1_epi8(Zp));
+    }
+  }
+}
+
+// One chunk's integers (c any), for the dequantizer and an odd last chunk.
+template <int Bits, int Zp>
+inline __m256i load_chunk(const uint8_t* w, const uint8_t* h, int64_t c) {
+  __m256i v0, v1;
+  if constexpr (Bits == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * kChunk));
+  } else {
+    load_pair<Bits, Zp>(w, h, c & ~int64_t(1), v0, v1);
+    return (c & 1) ? v1 : v0;
+  }
+}
+
+// 8 fp16 values -> fp32 (F16C), or fewer with zeros after them
+inline __m256 load_f16x8(const uint16_t* p, int n) {
+  if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+// 8 int8 values -> fp32, or fewer with zeros after them
+inline __m256 load_i8x8(const int8_t* p, int n) {
+  int64_t bits = 0;
+  std::memcpy(&bits, p, n);
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bits)));
+}
+
+// y[n] = dot(W row o, A[n]) for n < NR (before the bias)
+// Interleaved groups. A row's weights come in groups of 8 units (a unit = one scale group: G = 32
+// weights, or 16 for Q6_K), R = 8 G weights, stored (and consumed) as R / 32 vectors of 32
+// values in pairs (L_k, H_k), k < G / 8. Lane j (4 bytes) of L_k holds word 2k + j / 4 of unit
+// 2 (j % 4), lane j of H_k the same word of unit 2 (j % 4) + 1. So _mm256_madd_epi16's int32 lane
+// j collects one unit across the whole group: the group's integer dot products accumulate in two
+// registers (int16 while they cannot overflow), and each group needs two converts and two FMAs
+// against its units' scales (d * sc * activation scale), not one per 32 weights. For Q4_K this
+// order is a 4-byte-word permutation of the file's own bytes (the nibble pair of a byte is units
+// 2t, 2t + 1). The activations are reordered the same way per call. A row's last K % R weights
+// (S = 32 formats only) stay in plain order and go chunk by chunk.
+inline int64_t sigma_word(int64_t m, int64_t G) {  // stored word m of a group <- weight word
+  const int64_t v = m / 8, j = m % 8, k = v / 2, half = v % 2;
+  return (2 * (j % 4) + half) * (G / 4) + 2 * k + j / 4;
+}
+
+// x (weight order) -> dst (stored order), or back with inverse; K bytes, groups of 8 G.
+inline void permute_words(const int8_t* src, int8_t* dst, int64_t K, int64_t G, bool inverse) {
+  const int64_t R = 8 * G, ng = K / R, nw = R / 4;
+  int64_t tab[64];
+  for (int64_t m = 0; m < nw; ++m) tab[m] = sigma_word(m, G);
+  for (int64_t g = 0; g < ng; ++g) {
+    const int8_t* a = src + g * R;
+    int8_t* b = dst + g * R;
+    for (int64_t m = 0; m < nw; ++m) {
+      if (inverse) std::memcpy(b + 4 * tab[m], a + 4 * m, 4);
+      else std::memcpy(b + 4 * m, a + 4 * tab[m], 4);
+    }
+  }
+  std::memcpy(dst + ng * R, src + ng * R, K - ng * R);
+}
+
+template <int Bits, int Zp>
+inline void slot_pair(const uint8_t* wg, const uint8_t* hg, int s, __m256i& v0, __m256i& v1) {
+  // slots s, s + 1 (s even) of one group: wg / hg = the group's values / high-bit plane
+  if constexpr (Bits == 8) {
+    v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * s));
+    v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32 * s + 32));
+  } else {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 16 * s));
+    v0 = _mm256_and_si256(bytes, m4);
+    v1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4);
+    if constexpr (Bits == 6) {  // one 32-byte plane per group of 128: bits 2s..2s+1 = slot s
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hg));
+      const __m256i m3 = _mm256_set1_epi8(0x30);
+      const __m256i t = (s & 2) ? hb : _mm256_slli_epi16(hb, 4);
+      v0 = _mm256_or_si256(v0, _mm256_and_si256(t, m3));
+      v1 = _mm256_or_si256(v1, _mm256_and_si256(_mm256_srli_epi16(t, 2), m3));
+    } else if constexpr (Bits == 5) {  // a 32-bit word per slot
+      uint32_t w0, w1;
+      std::memcpy(&w0, hg + 4 * s, 4);
+      std::memcpy(&w1, hg + 4 * s + 4, 4);
+      v0 = _mm256_or_si256(v0, bit4_from_word(w0));
+      v1 = _mm256_or_si256(v1, bit4_from_word(w1));
+    }
+    if constexpr (Zp != 0) {
+      v0 = _mm256_sub_epi8(v0, _mm256_set1_epi8(Zp));
+      v1 = _mm256_sub_epi8(v1, _mm256_set1_epi8(Zp));
+    }
+  }
+}
+
+template <bool Unsigned>
+inline __m256i mul_pairs(__m256i v, const Act& A, int64_t off) {  // int16 lanes: pairs of products
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xq + off));
+  if constexpr (Unsigned) return _mm256_maddubs_epi16(v, x);
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xa + off));
+  return _mm256_maddubs_epi16(a, _mm256_sign_epi8(v, x));
+}
+
+// y[n] = dot(W row o, A[n]) for n < NR (before the bias)
+template <int Bits, int Zp, int G, bool Min, bool Sc, int NR>
+inline void bq_rows(const Weight& W, int64_t o, const Act* A, float* y) {
+  constexpr bool Unsigned = Bits != 8 && Zp == 0;
+  constexpr int R = 8 * G, CPG = R / 32;  // weights, activation chunks per group
+  const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* w = W.q + o * W.ldq;
+  const uint8_t* h = (Bits == 5 || Bits == 6) ? W.qh + o * W.ldh : nullptr;
   const uint16_t* d = W.d + o * W.ldd;
   const int8_t* sc = Sc ? W.sc + o * W.ldg : nullptr;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  auto scale = [&](int64_t b) -> __m256 {
-    const float dx = _cvtsh_ss(d[b >> W.sshift]) * A.xs[b];
-    if constexpr (G == 16) return _mm256_setr_m128(_mm_set1_ps(dx * sc[2 * b]), _mm_set1_ps(dx * sc[2 * b + 1]));
-    else return _mm256_set1_ps(Sc ? dx * sc[b] : dx);
-  };
-  if constexpr (Nib) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    for (int64_t p = 0; p < W.nb / 2; ++p) {  // 64 weights = one 32-byte load = chunks 2p, 2p + 1
-      const uint8_t* pw = w + p * 32;
-      _mm_prefetch(reinterpret_cast<const char*>(pw + kPrefetch), _MM_HINT_T0);
-      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw));
-      const __m256i lo = _mm256_and_si256(qv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(qv, 4), m4);
-      // nibble (0..15, unsigned operand) x activation (int8): pair sums <= 2 * 15 * 127
-      const __m256i d0 = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xq + p * 64))), ones);
-      const __m256i d1 = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xq + p * 64 + 32))), ones);
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), scale(2 * p), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), scale(2 * p + 1), acc1);
+  const uint16_t* dm = Min ? W.dm + o * W.ldd : nullptr;
+  const int8_t* mn = Min ? W.mn + o * W.ldg : nullptr;
+  __m256 acc[NR], macc[NR];
+  for (int n = 0; n < NR; ++n) acc[n] = macc[n] = _mm256_setzero_ps();
+  const int64_t ng = W.K / R;
+  constexpr int64_t kGroupBytes = Bits == 8 ? R : R / 2;
+  constexpr int64_t kPlaneBytes = Bits == 6 ? R / 4 : Bits == 5 ? R / 8 : 0;
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t c0 = g * CPG;  // first activation chunk of the group
+    const uint8_t* wg = w + g * kGroupBytes;
+    const uint8_t* hg = h ? h + g * kPlaneBytes : nullptr;
+    _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetch), _MM_HINT_T0);
+    if constexpr (kGroupBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wg + 64 + kPrefetch), _MM_HINT_T0);
+    if constexpr (kGroupBytes > 128) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg + 128 + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wg + 192 + kPrefetch), _MM_HINT_T0);
     }
-  } else {
-    auto dot = [&](int64_t b) -> __m256 {
-      const int8_t* pw = reinterpret_cast<const int8_t*>(w) + b * kChunk;
-      _mm_prefetch(reinterpret_cast<const char*>(pw + kPrefetch), _MM_HINT_T0);
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw));
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xq + b * kChunk));
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xa + b * kChunk));
-      // |x| * (w * sign(x)) = x * w; pairs within int16 (2 * 127 * 127); int32 lane l = weights 4l..4l+3
-      return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(wv, x)), ones));
-    };
-    int64_t b = 0;
-    for (; b + 2 <= W.nb; b += 2) {
-      acc0 = _mm256_fmadd_ps(dot(b), scale(b), acc0);
-      acc1 = _mm256_fmadd_ps(dot(b + 1), scale(b + 1), acc1);
+    // the 8 units' weight scales: d (per chunk or per super-block) times sc
+    __m256 wsc;
+    if constexpr (G == 16) {
+      wsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(d[(g * R) >> 8])), load_i8x8(sc + 8 * g, 8));
+    } else {
+      const __m256 dv = W.sshift ? _mm256_set1_ps(_cvtsh_ss(d[g])) : load_f16x8(d + c0, 8);
+      wsc = Sc ? _mm256_mul_ps(dv, load_i8x8(sc + c0, 8)) : dv;
     }
-    if (b < W.nb) acc0 = _mm256_fmadd_ps(dot(b), scale(b), acc0);
+    __m256 fs[NR];
+    for (int n = 0; n < NR; ++n) {
+      if constexpr (G == 16) {  // units 2c, 2c + 1 share chunk c's activation scale
+        const __m256 xs = _mm256_castps128_ps256(_mm_loadu_ps(A[n].xs + c0));
+        fs[n] = _mm256_mul_ps(wsc, _mm256_permutevar8x32_ps(xs, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+      } else {
+        fs[n] = _mm256_mul_ps(wsc, _mm256_loadu_ps(A[n].xs + c0));
+      }
+    }
+    if constexpr (Min) {  // offsets (G == 32): dm * mn per chunk times the activation block sums
+      const __m256 dmv = W.sshift ? _mm256_set1_ps(_cvtsh_ss(dm[g])) : load_f16x8(dm + c0, 8);
+      const __m256 off = _mm256_mul_ps(dmv, load_i8x8(mn + c0, 8));
+      for (int n = 0; n < NR; ++n) macc[n] = _mm256_fmadd_ps(off, _mm256_loadu_ps(A[n].xsum + c0), macc[n]);
+    }
+    __m256i iL[NR], iH[NR], sL[NR], sH[NR];
+    for (int n = 0; n < NR; ++n) iL[n] = iH[n] = sL[n] = sH[n] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int k = 0; k < G / 8; ++k) {
+      __m256i vL, vH;
+      slot_pair<Bits, Zp>(wg, hg, 2 * k, vL, vH);
+      for (int n = 0; n < NR; ++n) {
+        const int64_t off = g * R + 64 * k;
+        const __m256i pL = mul_pairs<Unsigned>(vL, A[n], off), pH = mul_pairs<Unsigned>(vH, A[n], off + 32);
+        if constexpr (Bits == 8) {
+          iL[n] = _mm256_add_epi32(iL[n], _mm256_madd_epi16(pL, ones));
+          iH[n] = _mm256_add_epi32(iH[n], _mm256_madd_epi16(pH, ones));
+        } else {  // |pair| <= 2*15*127 (4-bit), 2*31*127 (5-bit), 2*32*127 (6-bit): G / 8 <= 4 of them fit int16
+          sL[n] = _mm256_add_epi16(sL[n], pL);
+          sH[n] = _mm256_add_epi16(sH[n], pH);
+        }
+      }
+    }
+    const __m256i idxL = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), idxH = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
+    for (int n = 0; n < NR; ++n) {
+      if constexpr (Bits != 8) iL[n] = _mm256_madd_epi16(sL[n], ones), iH[n] = _mm256_madd_epi16(sH[n], ones);
+      acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iL[n]), _mm256_permutevar8x32_ps(fs[n], idxL), acc[n]);
+      acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iH[n]), _mm256_permutevar8x32_ps(fs[n], idxH), acc[n]);
+    }
   }
-  float y = hsum(_mm256_add_ps(acc0, acc1));
-  if constexpr (Min) {  // - sum_g dm * mn_g * sum_{k in g} x_k   (G == 32 when there is an offset)
-    const uint16_t* dm = W.dm + o * W.ldd;
-    const int8_t* mn = W.mn + o * W.ldg;
-    float m = 0.f;
-    for (int64_t b = 0; b < W.nb; ++b) m += _cvtsh_ss(dm[b >> W.sshift]) * static_cast<float>(mn[b]) * A.xsum[b];
-    y -= m;
+  if constexpr (G == 32) {  // the plain-order tail: chunk by chunk, scales broadcast
+    for (int64_t c = ng * CPG; c < W.nb; ++c) {
+      const __m256i v = load_chunk<Bits, Zp>(w, h, c);
+      const float wsc = _cvtsh_ss(d[c >> W.sshift]) * (Sc ? static_cast<float>(sc[c]) : 1.f);
+      const float off = Min ? _cvtsh_ss(dm[c >> W.sshift]) * static_cast<float>(mn[c]) : 0.f;
+      for (int n = 0; n < NR; ++n) {
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(mul_pairs<Unsigned>(v, A[n], c * kChunk), ones));
+        acc[n] = _mm256_fmadd_ps(p, _mm256_set1_ps(wsc * A[n].xs[c]), acc[n]);
+        if constexpr (Min) macc[n] = _mm256_add_ps(macc[n], _mm256_setr_ps(off * A[n].xsum[c], 0, 0, 0, 0, 0, 0, 0));
+      }
+    }
   }
-  return y;
+  for (int n = 0; n < NR; ++n) {
+    y[n] = hsum(acc[n]);
+    if constexpr (Min) y[n] -= hsum(macc[n]);
+  }
 }
 
-using RowFn = float (*)(const Weight&, int64_t, const Act&);
+using RowsFn = void (*)(const Weight&, int64_t, const Act*, float*);
 
-RowFn pick(bool nib, int64_t G, bool min, bool sc) {
+template <int Bits, int Zp, int G, bool Min, bool Sc>
+RowsFn pick_nr(int nr) {
+  switch (nr) {
+    case 1: return &bq_rows<Bits, Zp, G, Min, Sc, 1>;
+    case 2: return &bq_rows<Bits, Zp, G, Min, Sc, 2>;
+    case 3: return &bq_rows<Bits, Zp, G, Min, Sc, 3>;
+    default: return &bq_rows<Bits, Zp, G, Min, Sc, 4>;
+  }
+}
+
+// The layouts gguf_linear.py produces (see its table); anything else is refused.
+RowsFn pick(const Weight& W, int64_t G, bool min, bool sc, int nr) {
+  const int b = W.bits;
   if (G == 16) {
-    TORCH_CHECK(!nib && !min && sc, "groups of 16 need int8 storage, sub-scales and no offset (Q6_K)");
-    return &bq_row<false, 16, false, true>;
+    TORCH_CHECK(sc && !min && ((b == 6 && W.zp == 32) || (b == 8 && W.zp == 0)),
+                "groups of 16 are Q6_K's layout: sub-scales, no offset, 6-bit planes (zero point 32) or int8");
+    return b == 6 ? pick_nr<6, 32, 16, false, true>(nr) : pick_nr<8, 0, 16, false, true>(nr);
   }
   TORCH_CHECK(G == 32, "group size must be 16 or 32");
-  if (nib) {
-    if (min) return sc ? &bq_row<true, 32, true, true> : &bq_row<true, 32, true, false>;
-    return sc ? &bq_row<true, 32, false, true> : &bq_row<true, 32, false, false>;
+  TORCH_CHECK(W.zp == 0, "a zero point is only supported with groups of 16 (Q6_K)");
+  if (b == 8) {
+    if (min) return sc ? pick_nr<8, 0, 32, true, true>(nr) : pick_nr<8, 0, 32, true, false>(nr);
+    return sc ? pick_nr<8, 0, 32, false, true>(nr) : pick_nr<8, 0, 32, false, false>(nr);
   }
-  if (min) return sc ? &bq_row<false, 32, true, true> : &bq_row<false, 32, true, false>;
-  return sc ? &bq_row<false, 32, false, true> : &bq_row<false, 32, false, false>;
+  TORCH_CHECK(min, "4- and 5-bit storage holds unsigned values and needs an offset (dm, mn)");
+  if (b == 4) return sc ? pick_nr<4, 0, 32, true, true>(nr) : pick_nr<4, 0, 32, true, false>(nr);
+  TORCH_CHECK(b == 5, "bits must be 4, 5, 6 or 8");
+  return sc ? pick_nr<5, 0, 32, true, true>(nr) : pick_nr<5, 0, 32, true, false>(nr);
 }
 
-Weight make_weight(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
-                   const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
-                   int64_t S, bool nib) {
+Weight make_weight(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
+                   const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                   const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp) {
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 4, 5, 6 or 8");
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.element_size() == 1, "q must be a contiguous 2-D byte tensor");
+  const bool nib = bits != 8;
   const int64_t O = q.size(0), K = nib ? q.size(1) * 2 : q.size(1);
-  TORCH_CHECK(K % kChunk == 0 && (!nib || K % 64 == 0), "K must be a multiple of 32 (64 for nibbles)");
+  TORCH_CHECK(K % kChunk == 0 && (!nib || K % 64 == 0) && (bits != 6 || K % 256 == 0),
+              "K must be a multiple of 32 (64 for nibbles, 256 for 6-bit planes)");
   TORCH_CHECK(S == 32 || S == 256, "super-block must be 32 or 256");
   TORCH_CHECK(K % S == 0 && S % G == 0, "K must be a multiple of the super-block");
+  TORCH_CHECK(zp >= 0 && zp < 64, "bad zero point");
+  const int64_t hbytes = bits == 5 ? K / 8 : bits == 6 ? K / 4 : 0;
+  TORCH_CHECK(qh.has_value() == (hbytes > 0), "a high-bit plane comes with 5- and 6-bit storage only");
+  if (qh) TORCH_CHECK(qh->is_contiguous() && qh->element_size() == 1 && qh->dim() == 2 && qh->size(0) == O &&
+                      qh->size(1) == hbytes, "bad qh");
   TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.size(0) == O && d.size(1) == K / S, "bad d");
   if (sc) TORCH_CHECK(sc->scalar_type() == torch::kInt8 && sc->is_contiguous() && sc->size(0) == O && sc->size(1) == K / G, "bad sc");
   TORCH_CHECK(dm.has_value() == mn.has_value(), "dm and mn come together");
@@ -148,6 +360,7 @@ Weight make_weight(const torch::Tensor& q, const torch::Tensor& d, const c10::op
   }
   Weight W{};
   W.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
+  W.qh = qh ? reinterpret_cast<const uint8_t*>(qh->data_ptr()) : nullptr;
   W.d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   W.sc = sc ? sc->data_ptr<int8_t>() : nullptr;
   W.dm = dm ? reinterpret_cast<const uint16_t*>(dm->data_ptr<at::Half>()) : nullptr;
@@ -155,14 +368,17 @@ Weight make_weight(const torch::Tensor& q, const torch::Tensor& d, const c10::op
   W.K = K;
   W.nb = K / kChunk;
   W.ldq = q.size(1);
+  W.ldh = hbytes;
   W.ldd = K / S;
   W.ldg = K / G;
   W.sshift = S == 256 ? 3 : 0;
+  W.bits = static_cast<int>(bits);
+  W.zp = static_cast<int>(zp);
   return W;
 }
 
 struct Scratch {
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, p;
   std::vector<uint8_t> a;
   std::vector<float> s, sum, xf;
 };
@@ -171,54 +387,79 @@ thread_local Scratch scratch;
 }  // namespace
 
 // y[N, O] = x[N, K] @ W.T + bias, W in the block format above; x and y fp32 or bf16 (y in x's dtype)
-torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
-                        const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
-                        const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, bool nib,
-                        const c10::optional<torch::Tensor>& bias) {
-  const Weight W = make_weight(q, d, sc, dm, mn, G, S, nib);
+torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c10::optional<torch::Tensor>& qh,
+                        const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
+                        const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
+                        int64_t S, int64_t bits, int64_t zp, const c10::optional<torch::Tensor>& bias) {
+  const Weight W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
   const int64_t N = x.size(0), K = W.K, O = q.size(0), nb = W.nb;
+  const int64_t nbp = (nb + kGroup - 1) / kGroup * kGroup;  // scales / sums padded with zeros
   qwenrun::check_common(x, q, bias, O);
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
-  const RowFn row = pick(nib, G, dm.has_value(), sc.has_value());
+  const RowsFn rows_full = pick(W, G, dm.has_value(), sc.has_value(), kMaxNR);
+  const RowsFn rows_tail = pick(W, G, dm.has_value(), sc.has_value(), static_cast<int>(N % kMaxNR));
   Scratch& scr = scratch;
-  if (static_cast<int64_t>(scr.q.size()) < N * K) scr.q.resize(N * K), scr.a.resize(N * K);
-  if (static_cast<int64_t>(scr.s.size()) < N * nb) scr.s.resize(N * nb), scr.sum.resize(N * nb);
+  if (static_cast<int64_t>(scr.q.size()) < N * K) scr.q.resize(N * K), scr.a.resize(N * K), scr.p.resize(N * K);
+  if (static_cast<int64_t>(scr.s.size()) < N * nbp) scr.s.resize(N * nbp), scr.sum.resize(N * nbp);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   for (int64_t n = 0; n < N; ++n) {
     int8_t* xq = scr.q.data() + n * K;
-    float* xs = scr.s.data() + n * nb;
+    float* xs = scr.s.data() + n * nbp;
     quantize_row(x_row(x, n, scr.xf), K, K, kChunk, xq, xs);
+    for (int64_t b = nb; b < nbp; ++b) xs[b] = 0.f, scr.sum[n * nbp + b] = 0.f;
+    // the weights' interleaved order (see bq_rows), then |x| of it for the sign trick
+    int8_t* xp = scr.p.data() + n * K;
+    permute_words(xq, xp, K, G, false);
     for (int64_t b = 0; b < nb; ++b) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kChunk));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(scr.a.data() + n * K + b * kChunk), _mm256_abs_epi8(v));
+      const __m256i vp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + b * kChunk));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(scr.a.data() + n * K + b * kChunk), _mm256_abs_epi8(vp));
       // block sum of the quantized activations (exact in int32), in the block's scale
       const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16);
       alignas(32) int32_t t[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(t), s32);
-      scr.sum[n * nb + b] = xs[b] * static_cast<float>(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]);
+      scr.sum[n * nbp + b] = xs[b] * static_cast<float>(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]);
     }
   }
+  std::vector<Act> acts(N);
+  for (int64_t n = 0; n < N; ++n)
+    acts[n] = Act{scr.p.data() + n * K, scr.a.data() + n * K, scr.s.data() + n * nbp, scr.sum.data() + n * nbp};
   auto y = torch::empty({N, O}, x.options());
   const YWriter out(y);
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  const int64_t row_bytes = W.ldq + W.ldd * 2 * (W.dm ? 2 : 1) + (W.sc ? W.ldg : 0) + (W.mn ? W.ldg : 0);
-  at::parallel_for(0, O, grain_for(row_bytes * N), [&](int64_t o0, int64_t o1) {
-    for_rows_streamed(o0, o1, [&](int64_t o) {
-      for (int64_t n = 0; n < N; ++n) {  // the weight row stays in L1 for the other n
-        const Act A{scr.q.data() + n * K, scr.a.data() + n * K, scr.s.data() + n * nb, scr.sum.data() + n * nb};
-        out(n, o, row(W, o, A) + (bp ? bp[o] : 0.f));
+  const int64_t row_bytes = W.ldq + W.ldh + W.ldd * 2 * (W.dm ? 2 : 1) + (W.sc ? W.ldg : 0) + (W.mn ? W.ldg : 0);
+  auto one_row = [&](int64_t o, int64_t n0, int64_t n1) {
+    float r[kMaxNR];
+    for (int64_t n = n0; n < n1; n += kMaxNR) {
+      const int64_t m = std::min<int64_t>(kMaxNR, n1 - n);
+      (m == kMaxNR ? rows_full : rows_tail)(W, o, acts.data() + n, r);
+      for (int64_t i = 0; i < m; ++i) out(n + i, o, r[i] + (bp ? bp[o] : 0.f));
+    }
+  };
+  constexpr int64_t kRowsBlock = 16;  // many rows: a block of weight rows stays in L2 for all of x
+  if (N <= 2 * kMaxNR) {
+    at::parallel_for(0, O, grain_for(row_bytes * N), [&](int64_t o0, int64_t o1) {
+      for_rows_streamed(o0, o1, [&](int64_t o) { one_row(o, 0, N); });
+    });
+  } else {
+    at::parallel_for(0, (O + kRowsBlock - 1) / kRowsBlock, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t o0 = b * kRowsBlock, o1 = std::min(O, o0 + kRowsBlock);
+        for (int64_t n = 0; n < N; n += kMaxNR)  // these activation rows stay in L1 for the block
+          for (int64_t o = o0; o < o1; ++o) one_row(o, n, std::min(N, n + kMaxNR));
       }
     });
-  });
+  }
   return y;
 }
 
 // Rows r0..r1 of W, exactly as gguf's dequantization computes them, into out [r1 - r0, K]
 // (fp32, or bf16 rounded to nearest even).
-torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
-                         const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
-                         int64_t S, bool nib, int64_t r0, int64_t r1, torch::Tensor out) {
-  const Weight W = make_weight(q, d, sc, dm, mn, G, S, nib);
+torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
+                         const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                         const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
+                         int64_t r0, int64_t r1, torch::Tensor out) {
+  const Weight W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
   const int64_t K = W.K;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= q.size(0), "bad row range");
   TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0 && out.size(1) == K &&
@@ -228,22 +469,26 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c
   uint16_t* oh = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   at::parallel_for(r0, r1, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t a, int64_t e) {
     alignas(32) float buf[kChunk];
-    alignas(32) int8_t qb[kChunk];
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    std::vector<int8_t> stored(K), row(K);
     for (int64_t o = a; o < e; ++o) {
       const uint8_t* w = W.q + o * W.ldq;
+      const uint8_t* h = W.qh ? W.qh + o * W.ldh : nullptr;
+      for (int64_t b = 0; b < W.nb; ++b) {  // the row's integers u - zp (exact), stored order
+        __m256i qv;
+        switch (W.bits) {
+          case 4: qv = load_chunk<4, 0>(w, h, b); break;
+          case 5: qv = load_chunk<5, 0>(w, h, b); break;
+          case 6: qv = load_chunk<6, 0>(w, h, b); break;
+          default: qv = load_chunk<8, 0>(w, h, b); break;
+        }
+        if (W.zp) qv = _mm256_sub_epi8(qv, _mm256_set1_epi8(static_cast<char>(W.zp)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(stored.data() + b * kChunk), qv);
+      }
+      permute_words(stored.data(), row.data(), K, G, true);  // -> weight order
       for (int64_t b = 0; b < W.nb; ++b) {
         const int64_t s = b >> W.sshift;
         const float dv = _cvtsh_ss(W.d[o * W.ldd + s]);
-        // the chunk's 32 values as int8: bytes, or one nibble half of a 64-weight group
-        __m256i qv;
-        if (nib) {
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (b >> 1) * 32));
-          qv = _mm256_and_si256((b & 1) ? _mm256_srli_epi16(bytes, 4) : bytes, m4);
-        } else {
-          qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kChunk));
-        }
-        _mm256_store_si256(reinterpret_cast<__m256i*>(qb), qv);
+        const int8_t* qb = row.data() + b * kChunk;
         // scale of weights 0-15 and 16-31 (two groups of 16 for Q6_K): d * sc, as gguf computes it
         float s0 = dv, s1 = dv;
         if (W.sc) {

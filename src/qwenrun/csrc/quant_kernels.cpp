@@ -199,13 +199,14 @@ torch::Tensor int4_dequant(const torch::Tensor& qw, const torch::Tensor& sub, co
                            int64_t r1, int64_t K, torch::Tensor out);
 
 // gguf_kernels.cpp: GGUF block formats at their own precision.
-torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d,
-                        const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
-                        const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, bool nib,
-                        const c10::optional<torch::Tensor>& bias);
-torch::Tensor bq_dequant(const torch::Tensor& q, const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
-                         const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
-                         int64_t S, bool nib, int64_t r0, int64_t r1, torch::Tensor out);
+torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c10::optional<torch::Tensor>& qh,
+                        const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
+                        const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
+                        int64_t S, int64_t bits, int64_t zp, const c10::optional<torch::Tensor>& bias);
+torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
+                         const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                         const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
+                         int64_t r0, int64_t r1, torch::Tensor out);
 
 // kv_attention.cpp
 torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor ks,

@@ -1,34 +1,39 @@
 """GGUF's block-quantized weights at the file's own precision: no dense copy, no second rounding.
 
 Each GGUF tensor (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) is repacked, losslessly and
-with numpy only, into the one layout ``csrc/gguf_kernels.cpp`` reads:
+with torch byte ops only, into the one layout ``csrc/gguf_kernels.cpp`` reads:
 
-    w[o, k] = (d[o, s] * sc[o, g]) * q[o, k] - dm[o, s] * mn[o, g]
+    w[o, k] = (d[o, s] * sc[o, g]) * (u[o, k] - zp) - dm[o, s] * mn[o, g]
 
 with s = k // S (super-block), g = k // G (group), ``sc`` absent = 1 and ``dm``/``mn`` absent = 0.
-``q`` is int8 [O, K] (5-, 6- and 8-bit formats) or nibbles [O, K/2] (4-bit formats, GGUF's Q4_K
-byte order). ``d``/``dm`` are GGUF's fp16 scales as stored and ``sc``/``mn`` its integer
-sub-scales; the fp32 products are exactly those ``gguf.quants.dequantize`` computes.
+``u`` is kept in the kernels' interleaved order (``_sigma``: each full group of 8 G weights is
+reordered by 4-byte words so that one vector lane holds one scale group; the tail stays) and in
+``bits``: 8 = int8 [O, K]; 4 = nibbles [O, K/2] (per 64 stored values, low nibble i = value i,
+high = 32 + i, GGUF's Q4_K byte order); 5 and 6 = those nibbles plus a high-bit plane ``qh`` (5: a
+32-bit word per 32 values, bit i = bit 4 of value i, as Q5_0; 6: per 128 values 32 bytes, bits
+2c..2c+1 of byte i = bits 4-5 of value 32c + i, as Q6_K).
+``zp`` is Q6_K's zero point 32 (else 0). ``d``/``dm`` are GGUF's fp16 scales as stored and
+``sc``/``mn`` its integer sub-scales; the fp32 products are exactly those
+``gguf.quants.dequantize`` computes.
 
-=======  ========  ====  ===  ============================  ===============
-format   storage   S     G    sc / offset                   bits per weight
-=======  ========  ====  ===  ============================  ===============
-Q8_0     int8      32    32   - / -                         8.5  (file 8.5)
-Q5_0     int8      32    32   - / -                         8.5  (file 5.5)
-Q5_1     int8      32    32   - / dm = -m, mn = 1           9.25 (file 6)
-Q4_0     nibbles   32    32   - / dm = d, mn = 8            5.25 (file 4.5)
-Q4_1     nibbles   32    32   - / dm = -m, mn = 1           5.25 (file 5)
-Q4_K     nibbles   256   32   6-bit sc / dmin, 6-bit m      4.625 (file 4.5)
-Q5_K     int8      256   32   6-bit sc / dmin, 6-bit m      8.625 (file 5.5)
-Q6_K     int8      256   16   int8 sc / -                   8.56 (file 6.56)
-=======  ========  ====  ===  ============================  ===============
+=======  =========  ====  ===  ============================  ===============
+format   bits       S     G    sc / offset                   bits per weight
+=======  =========  ====  ===  ============================  ===============
+Q8_0     8          32    32   - / -                         8.5  (file 8.5)
+Q5_0     5          32    32   - / dm = d, mn = 16           6.25 (file 5.5)
+Q5_1     5          32    32   - / dm = -m, mn = 1           6.25 (file 6)
+Q4_0     4          32    32   - / dm = d, mn = 8            5.25 (file 4.5)
+Q4_1     4          32    32   - / dm = -m, mn = 1           5.25 (file 5)
+Q4_K     4          256   32   6-bit sc / dmin, 6-bit m      4.625 (file 4.5)
+Q5_K     5          256   32   6-bit sc / dmin, 6-bit m      5.625 (file 5.5)
+Q6_K     6, zp 32   256   16   int8 sc / -                   6.56 (file 6.56)
+=======  =========  ====  ===  ============================  ===============
 
-The 5- and 6-bit formats are stored a byte a weight (their bit planes unpacked once at load), which
-costs decode bandwidth but keeps one simple integer kernel exact for all of them. Rows that are
-not a multiple of 64 keep 4-bit formats in int8 storage (same values)."""
+Rows that are not a multiple of 64 keep 4- and 5-bit formats in int8 storage (same values)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -47,13 +52,20 @@ class BlockWeight:
     qtype: str
     shape: tuple[int, int]  # (O, K)
     q: torch.Tensor
+    qh: torch.Tensor | None  # high-bit plane (bits 5, 6)
     d: torch.Tensor  # fp16
     sc: torch.Tensor | None
     dm: torch.Tensor | None  # fp16
     mn: torch.Tensor | None
     G: int
     S: int
-    nib: bool
+    bits: int
+    zp: int = 0
+
+    @property
+    def nib(self) -> bool:
+        """q holds nibbles (4-, 5- and 6-bit storage)."""
+        return self.bits != 8
 
     @property
     def kernel_ok(self) -> bool:
@@ -61,7 +73,11 @@ class BlockWeight:
         return self.nib or self.qtype != "Q8_0" or int(self.q.min()) > -128  # one pass, no temporary
 
     def buffers(self) -> dict[str, torch.Tensor | None]:
-        return {"q": self.q, "d": self.d, "sc": self.sc, "dm": self.dm, "mn": self.mn}
+        return {"q": self.q, "qh": self.qh, "d": self.d, "sc": self.sc, "dm": self.dm, "mn": self.mn}
+
+    def kernel_args(self) -> tuple:
+        """The buffers and geometry as ``bq_linear`` / ``bq_dequant`` take them (after x / before r0)."""
+        return (self.q, self.qh, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.bits, self.zp)
 
     def linear(self, bias: torch.Tensor | None = None) -> "GGUFLinear":
         return GGUFLinear(self, bias)
@@ -105,6 +121,44 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+@lru_cache(maxsize=None)
+def _sigma(K: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interleaved order of ``csrc/gguf_kernels.cpp`` (see bq_rows): stored value m of a row is
+    weight sigma[m]; full groups of 8 G are reordered in 4-byte words, the tail stays. Returns
+    (sigma, its inverse)."""
+    R = 8 * G
+    m = torch.arange(R // 4)
+    v, j = m // 8, m % 8
+    word = (2 * (j % 4) + v % 2) * (G // 4) + 2 * (v // 2) + j // 4  # stored word m <- weight word
+    local = (word[:, None] * 4 + torch.arange(4)).reshape(R)
+    ng = K // R
+    sigma = torch.cat([(torch.arange(ng)[:, None] * R + local).reshape(-1), torch.arange(ng * R, K)])
+    return sigma, torch.argsort(sigma)
+
+
+def _interleave(u: torch.Tensor, G: int) -> torch.Tensor:
+    """[O, K] values in weight order -> the kernels' stored order."""
+    return u.index_select(1, _sigma(u.shape[1], G)[0])
+
+
+def _store(u: torch.Tensor, bits: int, G: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[O, K] integers (weight order; uint8 for 4/5/6 bits, int8 for 8) -> (q, qh) in ``bits``
+    storage, interleaved."""
+    O, K = u.shape
+    us = _interleave(u, G)
+    if bits == 8:
+        return us, None
+    q = _to_nib_layout(us & 15)
+    if bits == 4:
+        return q, None
+    if bits == 5:  # bit t of byte j = bit 4 of stored value 8 j + t
+        hb = ((us >> 4) & 1).reshape(O, K // 8, 8) << torch.arange(8, dtype=torch.uint8)
+        return q, hb.sum(-1, dtype=torch.uint8)
+    # 6: per 128 stored values, bits 2c..2c+1 of byte i = bits 4-5 of value 32 c + i
+    h2 = ((us >> 4) & 3).reshape(O, K // 128, 4, 32) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    return q, h2.sum(2, dtype=torch.uint8).reshape(O, K // 4)
+
+
 def _bytes(raw) -> torch.Tensor:
     import warnings
 
@@ -124,20 +178,29 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
     nb = K // block
     src = _bytes(raw)
     b = src.view(O, nb, tsize)
-    sc = dm = mn = None
-    G, S, nib = 32, block, False
+    sc = dm = mn = qh = None
+    G, S, bits, zp = 32, block, 8, 0
     i8 = torch.int8
     if qtype == "Q8_0":
-        d, q = _f16(b[..., 0:2]), b[..., 2:].contiguous().view(i8).view(O, K)
+        d = _f16(b[..., 0:2])
+        q, _ = _store(b[..., 2:].contiguous().view(i8).view(O, K), 8, 32)
     elif qtype in ("Q5_0", "Q5_1"):
         off = 2 if qtype == "Q5_0" else 4
         d = _f16(b[..., 0:2])
-        v = _nibbles_32(b[..., off + 4:]) | (_q5_high(b[..., off:off + 4]) << 4)  # 0..31
-        if qtype == "Q5_0":
-            q = (v.to(i8) - 16).view(O, K)
+        lo = _nibbles_32(b[..., off + 4:])  # 0..15
+        v = lo | (_q5_high(b[..., off:off + 4]) << 4)  # 0..31
+        if K % 64 == 0:  # nibbles + a high-bit plane
+            (q, qh), bits = _store(v.reshape(O, K), 5, 32), 5
+            if qtype == "Q5_0":
+                dm, mn = d, torch.full((O, nb), 16, dtype=i8)  # d * u - d * 16 == d * (u - 16) exactly
+            else:
+                dm, mn = -_f16(b[..., 2:4]), torch.ones(O, nb, dtype=i8)
         else:
-            q = v.to(i8).view(O, K)
-            dm, mn = -_f16(b[..., 2:4]), torch.ones(O, nb, dtype=i8)
+            if qtype == "Q5_0":
+                q, _ = _store((v.to(i8) - 16).view(O, K), 8, 32)
+            else:
+                q, _ = _store(v.to(i8).view(O, K), 8, 32)
+                dm, mn = -_f16(b[..., 2:4]), torch.ones(O, nb, dtype=i8)
     elif qtype in ("Q4_0", "Q4_1"):
         d = _f16(b[..., 0:2])
         v = _nibbles_32(b[..., 2 if qtype == "Q4_0" else 4:]).reshape(O, K)  # 0..15
@@ -146,29 +209,32 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
         elif K % 64 == 0:
             dm, mn = d, torch.full((O, nb), 8, dtype=i8)  # d * q - d * 8 == d * (q - 8) exactly
         if K % 64 == 0:
-            q, nib = _to_nib_layout(v), True
+            (q, _), bits = _store(v, 4, 32), 4
         elif qtype == "Q4_0":
-            q = v.to(i8) - 8
+            q, _ = _store(v.to(i8) - 8, 8, 32)
         else:
-            q = v.to(i8)
+            q, _ = _store(v.to(i8), 8, 32)
     elif qtype in ("Q4_K", "Q5_K"):
         S = 256
         d, dm = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         s6, m6 = _scale_min_k4(b[..., 4:16])
         sc, mn = s6.to(i8).reshape(O, nb * 8), m6.to(i8).reshape(O, nb * 8)
-        if qtype == "Q4_K":
-            q, nib = b[..., 16:].contiguous().view(O, K // 2), True  # already the kernels' nibble order
-        else:
-            qh, qs = b[..., 16:48], b[..., 48:]
-            lo = (qs.reshape(O, nb, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)) & 15
-            hi = (qh.reshape(O, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
-            q = (lo.reshape(O, nb, 8, 32) | (hi << 4)).to(i8).view(O, K)
+        if qtype == "Q4_K":  # the stored order is a word permutation of the file's nibble bytes:
+            # stored word 8k + 4jj + t of a super-block <- file word 8t + 2k + jj
+            words = b[..., 16:].contiguous().view(torch.int32).view(O, nb, 4, 4, 2)
+            q, bits = words.permute(0, 1, 3, 4, 2).contiguous().view(torch.uint8).view(O, K // 2), 4
+        else:  # Q5_K: file nibbles (per 64: low = i, high = 32 + i) + bit c of qh[i] = bit 4 of weight 32c + i
+            p = b[..., 48:].reshape(O, nb * 4, 1, 32)
+            lo = torch.cat([p & 15, p >> 4], dim=2).reshape(O, nb, 8, 32)
+            hi = (b[..., 16:48].reshape(O, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+            (q, qh), bits = _store((lo | (hi << 4)).reshape(O, K), 5, 32), 5
     elif qtype == "Q6_K":
         S, G = 256, 16
         ql, qh, scales, d = b[..., 0:128], b[..., 128:192], b[..., 192:208], _f16(b[..., 208:210])
+        # per 128 weights: low nibble of ql[l] = weight l, high = 64 + l; qh[i] bits 2c = weight 32c + i
         lo = (ql.reshape(O, nb, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)) & 15
         hi = (qh.reshape(O, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)) & 3
-        q = ((lo.reshape(O, nb, 2, 4, 32) | (hi << 4)).to(i8) - 32).view(O, K)
+        (q, qh), bits, zp = _store((lo.reshape(O, nb, 2, 4, 32) | (hi << 4)).reshape(O, K), 6, 16), 6, 32
         sc = scales.contiguous().view(i8).view(O, nb * 16)
     else:
         raise ValueError(f"GGUF type {qtype} has no native layout; use one of {', '.join(NATIVE_TYPES)}")
@@ -180,15 +246,24 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
         t = t.reshape(*shape).contiguous() if shape else t.contiguous()
         return t.clone() if t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() else t
 
-    return BlockWeight(qtype, (O, K), own(q), own(d, O, K // S), own(sc), own(dm, O, K // S), own(mn), G, S, nib)
+    return BlockWeight(qtype, (O, K), own(q), own(qh), own(d, O, K // S), own(sc), own(dm, O, K // S), own(mn),
+                       G, S, bits, zp)
 
 
 # -- dequantization (PyTorch; exact) ------------------------------------------------------------
-def _dequant_rows(w: BlockWeight, q, d, sc, dm, mn, dtype: torch.dtype) -> torch.Tensor:
+def _dequant_rows(w: BlockWeight, q, qh, d, sc, dm, mn, dtype: torch.dtype) -> torch.Tensor:
     rows, K, G, S = q.shape[0], w.shape[1], w.G, w.S
     if w.nib:
         p = q.view(rows, K // 64, 1, 32)
         q = torch.cat([p & 15, p >> 4], dim=2).view(rows, K)
+        if w.bits == 5:  # bit t of byte j is bit 4 of weight 8j + t
+            q = q | (((qh.view(rows, K // 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1) << 4).view(rows, K)
+        elif w.bits == 6:  # bits 2c..2c+1 of byte i (per 128) are bits 4-5 of weight 32c + i
+            sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+            q = q | (((qh.view(rows, K // 128, 1, 32) >> sh) & 3) << 4).view(rows, K)
+    q = q.index_select(1, _sigma(K, G)[1])  # stored order -> weight order
+    if w.zp:
+        q = q.to(torch.int16) - w.zp
     vals = q.float().view(rows, K // G, G)
     scale = d.float().repeat_interleave(S // G, dim=1)
     if sc is not None:
@@ -203,7 +278,7 @@ def _dequant_rows(w: BlockWeight, q, d, sc, dm, mn, dtype: torch.dtype) -> torch
 def dequantize(w: BlockWeight, r0: int = 0, r1: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows r0..r1 as a dense tensor: exactly ``gguf.quants.dequantize`` of the file's bytes."""
     r1 = w.shape[0] if r1 is None else r1
-    bufs = [None if t is None else t[r0:r1] for t in (w.q, w.d, w.sc, w.dm, w.mn)]
+    bufs = [None if t is None else t[r0:r1] for t in (w.q, w.qh, w.d, w.sc, w.dm, w.mn)]
     return _dequant_rows(w, *bufs, dtype)
 
 
@@ -215,7 +290,7 @@ class GGUFLinear(_QuantLinear):
 
     def __init__(self, w: BlockWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__(w.shape[1], w.shape[0], bias)
-        self.qtype, self.G, self.S, self.nib = w.qtype, w.G, w.S, w.nib
+        self.qtype, self.G, self.S, self.bits, self.zp = w.qtype, w.G, w.S, w.bits, w.zp
         for name, t in w.buffers().items():
             self.register_buffer(name, t)
         self.max_kernel_rows = KERNEL_MAX_ROWS["gguf", torch.float32]
@@ -225,24 +300,24 @@ class GGUFLinear(_QuantLinear):
 
     @property
     def block_weight(self) -> BlockWeight:
-        return BlockWeight(self.qtype, (self.out_features, self.in_features), self.q, self.d, self.sc, self.dm,
-                           self.mn, self.G, self.S, self.nib)
+        return BlockWeight(self.qtype, (self.out_features, self.in_features), self.q, self.qh, self.d, self.sc,
+                           self.dm, self.mn, self.G, self.S, self.bits, self.zp)
 
     @classmethod
     def concat(cls, mods: list["_QuantLinear"]) -> "_QuantLinear":
         """Rows stack when the layouts agree (q/k/v of one GGUF format); ValueError when they don't
         (the model then keeps the projections separate)."""
         first = mods[0]
-        key = lambda m: (type(m), m.in_features, m.G, m.S, m.nib, tuple(b is None for b in  # noqa: E731
-                                                                          (m.sc, m.dm, m.mn)))
+        key = lambda m: (type(m), m.in_features, m.G, m.S, m.bits, m.zp,  # noqa: E731
+                         tuple(b is None for b in (m.qh, m.sc, m.dm, m.mn)))
         if any(key(m) != key(first) for m in mods):
             raise ValueError("GGUF linears of different block layouts cannot be stacked")
         fused = super().concat(mods)
-        for name in ("sc", "dm", "mn"):  # absent parts stay absent (concat stacks the present ones)
+        for name in ("qh", "sc", "dm", "mn"):  # absent parts stay absent (concat stacks the present ones)
             if name not in fused._buffers:
                 fused.register_buffer(name, None)
         fused.qtype = "+".join(dict.fromkeys(m.qtype for m in mods))
-        fused.G, fused.S, fused.nib = first.G, first.S, first.nib
+        fused.G, fused.S, fused.bits, fused.zp = first.G, first.S, first.bits, first.zp
         fused.max_kernel_rows, fused.max_kernel_rows_bf16 = first.max_kernel_rows, first.max_kernel_rows_bf16
         if any(m._ops is None for m in mods):
             fused._ops = None
@@ -255,11 +330,12 @@ class GGUFLinear(_QuantLinear):
         return dequantize(self.block_weight, r0, r1, dtype)
 
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
-        return k.bq_linear(x, self.q, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.nib, self.bias)
+        return k.bq_linear(x, self.q, self.qh, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.bits,
+                           self.zp, self.bias)
 
     def _kernel_dequant(self, k, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return k.bq_dequant(self.q, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.nib, r0, r1,
-                            _tile_buffer(r1 - r0, self.in_features, dtype))
+        return k.bq_dequant(self.q, self.qh, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.bits,
+                            self.zp, r0, r1, _tile_buffer(r1 - r0, self.in_features, dtype))
 
 
 class GGUFEmbedding(nn.Module):
@@ -269,18 +345,19 @@ class GGUFEmbedding(nn.Module):
     def __init__(self, w: BlockWeight, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = w.shape
-        self.qtype, self.G, self.S, self.nib, self.out_dtype = w.qtype, w.G, w.S, w.nib, dtype
+        self.qtype, self.G, self.S, self.bits, self.zp, self.out_dtype = w.qtype, w.G, w.S, w.bits, w.zp, dtype
         for name, t in w.buffers().items():
             self.register_buffer(name, t)
 
     @property
     def block_weight(self) -> BlockWeight:
-        return BlockWeight(self.qtype, (self.num_embeddings, self.embedding_dim), self.q, self.d, self.sc,
-                           self.dm, self.mn, self.G, self.S, self.nib)
+        return BlockWeight(self.qtype, (self.num_embeddings, self.embedding_dim), self.q, self.qh, self.d,
+                           self.sc, self.dm, self.mn, self.G, self.S, self.bits, self.zp)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        bufs = [None if t is None else t.index_select(0, flat) for t in (self.q, self.d, self.sc, self.dm, self.mn)]
+        bufs = [None if t is None else t.index_select(0, flat) for t in (self.q, self.qh, self.d, self.sc, self.dm,
+                                                                          self.mn)]
         return _dequant_rows(self.block_weight, *bufs, self.out_dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
