@@ -86,6 +86,17 @@ def test_weights_equal_gguf_dequantization_exactly(qtype, O, K):
 
 
 @pytest.mark.parametrize("qtype,O,K", CASES)
+def test_cpp_repacking_equals_the_torch_repacking(qtype, O, K):
+    """The load-time C++ repackers (Q8_0, Q4_K, Q6_K) give exactly the torch path's bytes."""
+    raw = gguf_blocks(qtype, O, K, seed=5)
+    a, b = pack(qtype, raw, (O, K)), pack(qtype, raw, (O, K), use_kernels=False)
+    for name, t in a.buffers().items():
+        u = b.buffers()[name]
+        assert (t is None) == (u is None) and (t is None or torch.equal(t, u)), name
+    assert (a.bits, a.zp, a.G, a.S) == (b.bits, b.zp, b.G, b.S)
+
+
+@pytest.mark.parametrize("qtype,O,K", CASES)
 def test_kernel_equals_simulation_of_its_arithmetic(qtype, O, K):
     """The integer GEMV (N = 1..17 rows: 1-4 rows per unpacked chunk, the many-row blocking) equals fp64 products of the exact weights with the
     activations quantized to int8 per 32, up to fp32 accumulation."""

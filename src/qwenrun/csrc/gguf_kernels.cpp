@@ -511,3 +511,80 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
   });
   return out;
 }
+
+// Load-time repacking into the interleaved order, one pass, both cores, straight from the mapped
+// file's blocks (gguf_linear.py has the same in torch ops for machines without this extension).
+// src [O, nb, Bb] bytes (the last dimension contiguous, any strides else): groups of gb blocks;
+// word m of an output group = word table[m] of the input group; a last partial group is copied.
+torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb) {
+  TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1, "src must be [O, nb, Bb] bytes");
+  const int64_t O = src.size(0), nb = src.size(1), Bb = src.size(2);
+  TORCH_CHECK(Bb % 4 == 0 && gb >= 1, "blocks must be whole words");
+  const int64_t gw = gb * Bb / 4;  // words per group
+  TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.numel() == gw && table.is_contiguous(), "bad table");
+  const int64_t* tab = table.data_ptr<int64_t>();
+  for (int64_t m = 0; m < gw; ++m) TORCH_CHECK(0 <= tab[m] && tab[m] < gw, "table out of range");
+  auto out = torch::empty({O, nb * Bb}, src.options().memory_format(at::MemoryFormat::Contiguous));
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr());
+  uint8_t* d = reinterpret_cast<uint8_t*>(out.data_ptr());
+  const int64_t so = src.stride(0), sb = src.stride(1), ng = nb / gb;
+  at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, nb * Bb)), [&](int64_t o0, int64_t o1) {
+    std::vector<uint8_t> grp(gw * 4);
+    for (int64_t o = o0; o < o1; ++o) {
+      uint8_t* row = d + o * nb * Bb;
+      for (int64_t g = 0; g < ng; ++g) {
+        for (int64_t i = 0; i < gb; ++i) std::memcpy(grp.data() + i * Bb, s + o * so + (g * gb + i) * sb, Bb);
+        uint8_t* og = row + g * gb * Bb;
+        for (int64_t m = 0; m < gw; ++m) std::memcpy(og + 4 * m, grp.data() + 4 * tab[m], 4);
+      }
+      for (int64_t b = ng * gb; b < nb; ++b) std::memcpy(row + b * Bb, s + o * so + b * sb, Bb);
+    }
+  });
+  return out;
+}
+
+// Q6_K blocks [O, nb, 210] (ql 128, qh 64, scales 16, d 2) -> the kernels' 6-bit storage:
+// q [O, K/2] nibbles and qh [O, K/4] plane, both in the interleaved order (G = 16).
+std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src) {
+  TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1 && src.size(2) == 210,
+              "src must be Q6_K blocks [O, nb, 210]");
+  const int64_t O = src.size(0), nb = src.size(1), K = nb * 256;
+  auto q = torch::empty({O, K / 2}, torch::kUInt8), qh = torch::empty({O, K / 4}, torch::kUInt8);
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr());
+  uint8_t* pq = q.data_ptr<uint8_t>();
+  uint8_t* ph = qh.data_ptr<uint8_t>();
+  const int64_t so = src.stride(0), sb = src.stride(1);
+  int64_t tab[32];
+  for (int64_t m = 0; m < 32; ++m) tab[m] = sigma_word(m, 16);
+  at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, K)), [&](int64_t o0, int64_t o1) {
+    uint8_t u[256], st[128];
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = s + o * so + b * sb;
+        for (int half = 0; half < 2; ++half) {  // the file's order: per 128, ql[l] low = l, high = 64 + l
+          const uint8_t* ql = blk + 64 * half;
+          const uint8_t* hh = blk + 128 + 32 * half;
+          uint8_t* uu = u + 128 * half;
+          for (int l = 0; l < 64; ++l) {
+            uu[l] = ql[l] & 15;
+            uu[64 + l] = ql[l] >> 4;
+          }
+          for (int l = 0; l < 32; ++l)
+            for (int c = 0; c < 4; ++c) uu[32 * c + l] |= ((hh[l] >> (2 * c)) & 3) << 4;
+        }
+        for (int grp = 0; grp < 2; ++grp) {  // two groups of 128 (8 units of 16)
+          for (int64_t m = 0; m < 32; ++m) std::memcpy(st + 4 * m, u + 128 * grp + 4 * tab[m], 4);
+          uint8_t* oq = pq + o * (K / 2) + b * 128 + grp * 64;
+          uint8_t* oh = ph + o * (K / 4) + b * 64 + grp * 32;
+          for (int i = 0; i < 32; ++i) {  // nibbles per 64 stored values; plane per 128
+            oq[i] = (st[i] & 15) | ((st[32 + i] & 15) << 4);
+            oq[32 + i] = (st[64 + i] & 15) | ((st[96 + i] & 15) << 4);
+            oh[i] = static_cast<uint8_t>((st[i] >> 4) | ((st[32 + i] >> 4) << 2) | ((st[64 + i] >> 4) << 4) |
+                                         ((st[96 + i] >> 4) << 6));
+          }
+        }
+      }
+    }
+  });
+  return {q, qh};
+}

@@ -207,6 +207,8 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
                          const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
                          const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
                          int64_t r0, int64_t r1, torch::Tensor out);
+torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb);
+std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src);
 
 // kv_attention.cpp
 torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor ks,
@@ -221,6 +223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequant", &int4_dequant, "int4 rows -> fp32");
   m.def("bq_linear", &bq_linear, "GGUF block-quantized weight linear (AVX2)");
   m.def("bq_dequant", &bq_dequant, "GGUF block-quantized rows -> fp32/bf16, exactly gguf's values");
+  m.def("bq_permute_words", &bq_permute_words, "GGUF blocks -> the kernels' interleaved word order (load time)");
+  m.def("bq_pack_q6k", &bq_pack_q6k, "Q6_K blocks -> the kernels' 6-bit storage (load time)");
   m.def("quantize_int8", &quantize_int8, "fp32 [O, K] -> int8 format");
   m.def("quantize_int4", &quantize_int4, "fp32 [O, K] -> int4 format");
 }

@@ -122,15 +122,27 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
+def _sigma_words(G: int) -> torch.Tensor:
+    """Stored word m of a group of 8 G values <- weight word (csrc sigma_word)."""
+    m = torch.arange(2 * G)
+    v, j = m // 8, m % 8
+    return (2 * (j % 4) + v % 2) * (G // 4) + 2 * (v // 2) + j // 4
+
+
+@lru_cache(maxsize=None)
+def _q4k_words() -> torch.Tensor:
+    """Q4_K: stored word 8k + 4jj + t of a super-block's 128 nibble bytes <- file word 8t + 2k + jj."""
+    k, jj, t = torch.meshgrid(torch.arange(4), torch.arange(2), torch.arange(4), indexing="ij")
+    return (8 * t + 2 * k + jj).reshape(32)
+
+
+@lru_cache(maxsize=None)
 def _sigma(K: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The interleaved order of ``csrc/gguf_kernels.cpp`` (see bq_rows): stored value m of a row is
     weight sigma[m]; full groups of 8 G are reordered in 4-byte words, the tail stays. Returns
     (sigma, its inverse)."""
     R = 8 * G
-    m = torch.arange(R // 4)
-    v, j = m // 8, m % 8
-    word = (2 * (j % 4) + v % 2) * (G // 4) + 2 * (v // 2) + j // 4  # stored word m <- weight word
-    local = (word[:, None] * 4 + torch.arange(4)).reshape(R)
+    local = (_sigma_words(G)[:, None] * 4 + torch.arange(4)).reshape(R)
     ng = K // R
     sigma = torch.cat([(torch.arange(ng)[:, None] * R + local).reshape(-1), torch.arange(ng * R, K)])
     return sigma, torch.argsort(sigma)
@@ -167,8 +179,10 @@ def _bytes(raw) -> torch.Tensor:
         return torch.as_tensor(np.asarray(raw, dtype=np.uint8))
 
 
-def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
-    """Raw GGUF tensor bytes of ``qtype`` for an [O, K] weight → BlockWeight (lossless)."""
+def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool = True) -> BlockWeight:
+    """Raw GGUF tensor bytes of ``qtype`` for an [O, K] weight → BlockWeight (lossless). Q8_0, Q4_K
+    and Q6_K go through the C++ repackers when the kernels are built (``use_kernels``), else
+    (and for the other formats) through torch ops giving the same bytes."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     O, K = int(shape[0]), int(shape[1])
@@ -181,9 +195,13 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
     sc = dm = mn = qh = None
     G, S, bits, zp = 32, block, 8, 0
     i8 = torch.int8
+    ops = kernels.ops() if use_kernels else None
     if qtype == "Q8_0":
         d = _f16(b[..., 0:2])
-        q, _ = _store(b[..., 2:].contiguous().view(i8).view(O, K), 8, 32)
+        if ops is not None:
+            q = ops.bq_permute_words(b[..., 2:], _sigma_words(32), 8).view(i8)
+        else:
+            q, _ = _store(b[..., 2:].contiguous().view(i8).view(O, K), 8, 32)
     elif qtype in ("Q5_0", "Q5_1"):
         off = 2 if qtype == "Q5_0" else 4
         d = _f16(b[..., 0:2])
@@ -221,8 +239,12 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
         sc, mn = s6.to(i8).reshape(O, nb * 8), m6.to(i8).reshape(O, nb * 8)
         if qtype == "Q4_K":  # the stored order is a word permutation of the file's nibble bytes:
             # stored word 8k + 4jj + t of a super-block <- file word 8t + 2k + jj
-            words = b[..., 16:].contiguous().view(torch.int32).view(O, nb, 4, 4, 2)
-            q, bits = words.permute(0, 1, 3, 4, 2).contiguous().view(torch.uint8).view(O, K // 2), 4
+            if ops is not None:
+                q = ops.bq_permute_words(b[..., 16:], _q4k_words(), 1)
+            else:
+                words = b[..., 16:].contiguous().view(torch.int32).view(O, nb, 4, 4, 2)
+                q = words.permute(0, 1, 3, 4, 2).contiguous().view(torch.uint8).view(O, K // 2)
+            bits = 4
         else:  # Q5_K: file nibbles (per 64: low = i, high = 32 + i) + bit c of qh[i] = bit 4 of weight 32c + i
             p = b[..., 48:].reshape(O, nb * 4, 1, 32)
             lo = torch.cat([p & 15, p >> 4], dim=2).reshape(O, nb, 8, 32)
@@ -231,10 +253,14 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int]) -> BlockWeight:
     elif qtype == "Q6_K":
         S, G = 256, 16
         ql, qh, scales, d = b[..., 0:128], b[..., 128:192], b[..., 192:208], _f16(b[..., 208:210])
+        bits, zp = 6, 32
         # per 128 weights: low nibble of ql[l] = weight l, high = 64 + l; qh[i] bits 2c = weight 32c + i
-        lo = (ql.reshape(O, nb, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)) & 15
-        hi = (qh.reshape(O, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)) & 3
-        (q, qh), bits, zp = _store((lo.reshape(O, nb, 2, 4, 32) | (hi << 4)).reshape(O, K), 6, 16), 6, 32
+        if ops is not None:
+            q, qh = ops.bq_pack_q6k(b)
+        else:
+            lo = (ql.reshape(O, nb, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)) & 15
+            hi = (qh.reshape(O, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)) & 3
+            q, qh = _store((lo.reshape(O, nb, 2, 4, 32) | (hi << 4)).reshape(O, K), 6, 16)
         sc = scales.contiguous().view(i8).view(O, nb * 16)
     else:
         raise ValueError(f"GGUF type {qtype} has no native layout; use one of {', '.join(NATIVE_TYPES)}")
