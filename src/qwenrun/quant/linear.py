@@ -42,10 +42,11 @@ INT4_GROUP = 32
 # 5.3/4.8); int4 N=16 3.8 vs 4.5, N=24 5.2 vs 4.9. Rerun: benchmarks/bench_crossover.py.
 KERNEL_MAX_ROWS = {("int8", torch.float32): 24, ("int4", torch.float32): 48,
                    ("int8", torch.bfloat16): 14, ("int4", torch.bfloat16): 22}
-# GGUF block formats (gguf_linear.py): their kernel applies a scale per 32 weights per row, so it
-# turns compute-bound sooner. 4B Q8_0 on Zen 3 (2 threads): 1 row 0.19 s per step, 16 rows 4.6 s
-# through the kernel, 128 rows 0.10 s per row through the tiles; estimated crossover ~6 (not swept).
-KERNEL_MAX_ROWS.update({("gguf", dt): 6 for dt in (torch.float32, torch.bfloat16)})
+# GGUF block formats (gguf_linear.py): the interleaved-group kernel unpacks a weight row once for
+# up to 4 activation rows. A 6912x2560 weight on Zen 3, one thread (CPU ms, kernel vs exact tiles +
+# fp32 GEMM): Q8_0 N=16 9.8 vs 32, N=64 41 vs 48; Q4_K N=64 36 vs 51; Q6_K N=32 21 vs 42, N=64 59
+# vs 56: the integer kernel stays ahead to ~64 rows.
+KERNEL_MAX_ROWS.update({("gguf", dt): 64 for dt in (torch.float32, torch.bfloat16)})
 TILE_ELEMS = 1 << 22  # weights dequantized per tile on the many-row path (16 MiB of fp32)
 _CHUNK = 1 << 24  # weights quantized at a time at load (bounds temporaries to ~4 dense copies of 64 MiB)
 
