@@ -21,8 +21,8 @@ from test_quant import rel, simulate_kernel
 
 OPS = kernels.ops()
 # (O, K) pairs: odd row counts; K a multiple of each format's block (K-quants: 256); 96 keeps a
-# 4-bit format in int8 storage (not a multiple of 64).
-SHAPES = {"Q8_0": [(7, 96), (33, 2560)], "Q5_0": [(5, 896), (33, 64)], "Q5_1": [(3, 320)],
+# 4-bit format in int8 storage (not a multiple of 64); 896 and 960 end with a half group (+ a plain rest).
+SHAPES = {"Q8_0": [(7, 96), (33, 2560), (5, 960)], "Q5_0": [(5, 896), (33, 64)], "Q5_1": [(3, 320)],
           "Q4_0": [(9, 96), (17, 896)], "Q4_1": [(3, 96), (5, 2560)], "Q4_K": [(7, 256), (33, 2560)],
           "Q5_K": [(5, 512)], "Q6_K": [(9, 256), (17, 4864)]}
 

@@ -139,7 +139,6 @@ inline __m256 load_i8x8(const int8_t* p, int n) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bits)));
 }
 
-// y[n] = dot(W row o, A[n]) for n < NR (before the bias)
 // Interleaved groups. A row's weights come in groups of 8 units (a unit = one scale group: G = 32
 // weights, or 16 for Q6_K), R = 8 G weights, stored (and consumed) as R / 32 vectors of 32
 // values in pairs (L_k, H_k), k < G / 8. Lane j (4 bytes) of L_k holds word 2k + j / 4 of unit
@@ -148,27 +147,31 @@ inline __m256 load_i8x8(const int8_t* p, int n) {
 // registers (int16 while they cannot overflow), and each group needs two converts and two FMAs
 // against its units' scales (d * sc * activation scale), not one per 32 weights. For Q4_K this
 // order is a 4-byte-word permutation of the file's own bytes (the nibble pair of a byte is units
-// 2t, 2t + 1). The activations are reordered the same way per call. A row's last K % R weights
-// (S = 32 formats only) stay in plain order and go chunk by chunk.
-inline int64_t sigma_word(int64_t m, int64_t G) {  // stored word m of a group <- weight word
-  const int64_t v = m / 8, j = m % 8, k = v / 2, half = v % 2;
-  return (2 * (j % 4) + half) * (G / 4) + 2 * k + j / 4;
+// 2t, 2t + 1). The activations are reordered the same way per call. After the full groups, S = 32
+// formats may end with a half group of 4 units (K = 896 = 3 * 256 + 128: Qwen2.5-0.5B): lane j
+// of L_k then holds word 4k + j / 2 of unit 2 (j % 2). What is left after that (K % 128) stays in
+// plain order and goes chunk by chunk.
+inline int64_t sigma_word(int64_t m, int64_t G, int64_t U) {  // stored word m of a group of U units <- weight word
+  const int64_t v = m / 8, j = m % 8, k = v / 2, half = v % 2, P = U / 2;
+  return (2 * (j % P) + half) * (G / 4) + (8 / P) * k + j / P;
 }
 
-// x (weight order) -> dst (stored order), or back with inverse; K bytes, groups of 8 G.
+// x (weight order) -> dst (stored order), or back with inverse; K bytes.
 inline void permute_words(const int8_t* src, int8_t* dst, int64_t K, int64_t G, bool inverse) {
-  const int64_t R = 8 * G, ng = K / R, nw = R / 4;
-  int64_t tab[64];
-  for (int64_t m = 0; m < nw; ++m) tab[m] = sigma_word(m, G);
-  for (int64_t g = 0; g < ng; ++g) {
-    const int8_t* a = src + g * R;
-    int8_t* b = dst + g * R;
+  int64_t tab8[64], tab4[32];
+  for (int64_t m = 0; m < 2 * G; ++m) tab8[m] = sigma_word(m, G, 8);
+  for (int64_t m = 0; m < G; ++m) tab4[m] = sigma_word(m, G, 4);
+  auto apply = [&](int64_t at, const int64_t* tab, int64_t nw) {
     for (int64_t m = 0; m < nw; ++m) {
-      if (inverse) std::memcpy(b + 4 * tab[m], a + 4 * m, 4);
-      else std::memcpy(b + 4 * m, a + 4 * tab[m], 4);
+      if (inverse) std::memcpy(dst + at + 4 * tab[m], src + at + 4 * m, 4);
+      else std::memcpy(dst + at + 4 * m, src + at + 4 * tab[m], 4);
     }
-  }
-  std::memcpy(dst + ng * R, src + ng * R, K - ng * R);
+  };
+  const int64_t R = 8 * G, ng = K / R;
+  int64_t at = 0;
+  for (int64_t g = 0; g < ng; ++g, at += R) apply(at, tab8, 2 * G);
+  if (G == 32 && K - at >= 4 * G) apply(at, tab4, G), at += 4 * G;
+  std::memcpy(dst + at, src + at, K - at);
 }
 
 template <int Bits, int Zp>
@@ -188,12 +191,15 @@ inline void slot_pair(const uint8_t* wg, const uint8_t* hg, int s, __m256i& v0, 
       const __m256i t = (s & 2) ? hb : _mm256_slli_epi16(hb, 4);
       v0 = _mm256_or_si256(v0, _mm256_and_si256(t, m3));
       v1 = _mm256_or_si256(v1, _mm256_and_si256(_mm256_srli_epi16(t, 2), m3));
-    } else if constexpr (Bits == 5) {  // a 32-bit word per slot
-      uint32_t w0, w1;
-      std::memcpy(&w0, hg + 4 * s, 4);
-      std::memcpy(&w1, hg + 4 * s + 4, 4);
-      v0 = _mm256_or_si256(v0, bit4_from_word(w0));
-      v1 = _mm256_or_si256(v1, bit4_from_word(w1));
+    } else if constexpr (Bits == 5) {  // one 32-byte plane per group: bit s of byte p = slot s
+      const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hg));
+      const __m256i m1 = _mm256_set1_epi8(0x10);
+      auto bit4 = [&](int b) {  // bit b of each byte -> bit 4 (the shifts stay inside a byte after the mask)
+        return _mm256_and_si256(b <= 4 ? _mm256_sll_epi16(hb, _mm_cvtsi32_si128(4 - b))
+                                       : _mm256_srl_epi16(hb, _mm_cvtsi32_si128(b - 4)), m1);
+      };
+      v0 = _mm256_or_si256(v0, bit4(s));
+      v1 = _mm256_or_si256(v1, bit4(s + 1));
     }
     if constexpr (Zp != 0) {
       v0 = _mm256_sub_epi8(v0, _mm256_set1_epi8(Zp));
@@ -211,84 +217,95 @@ inline __m256i mul_pairs(__m256i v, const Act& A, int64_t off) {  // int16 lanes
 }
 
 // y[n] = dot(W row o, A[n]) for n < NR (before the bias)
+struct RowPtrs {
+  const uint8_t* w;
+  const uint8_t* h;
+  const uint16_t* d;
+  const int8_t* sc;
+  const uint16_t* dm;
+  const int8_t* mn;
+};
+
+// One interleaved group of U units (8, or a half group of 4) starting at value v0 (chunk c0) of
+// the row: adds its dot products with A[n] to acc[n] (and the offsets to macc[n]).
+template <int Bits, int Zp, int G, bool Min, bool Sc, int NR, int U>
+inline void bq_group(const Weight& W, const RowPtrs& P, int64_t v0, const Act* A, __m256* acc, __m256* macc) {
+  constexpr bool Unsigned = Bits != 8 && Zp == 0;
+  constexpr int R = U * G, CPG = R / 32;  // values and activation chunks in the group
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t c0 = v0 / 32;
+  const uint8_t* wg = P.w + (Bits == 8 ? v0 : v0 / 2);
+  const uint8_t* hg = Bits == 6 ? P.h + v0 / 4 : Bits == 5 ? P.h + 32 * (v0 / 256) : nullptr;  // 5: a plane per group
+  constexpr int64_t kBytes = Bits == 8 ? R : R / 2;
+  for (int64_t b = 0; b < kBytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + b + kPrefetch), _MM_HINT_T0);
+  // the units' weight scales: d (per chunk or per super-block) times sc
+  __m256 wsc;
+  if constexpr (G == 16) {
+    wsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(P.d[v0 >> 8])), load_i8x8(P.sc + v0 / 16, 8));
+  } else {
+    const __m256 dv = W.sshift ? _mm256_set1_ps(_cvtsh_ss(P.d[v0 >> 8])) : load_f16x8(P.d + c0, CPG);
+    wsc = Sc ? _mm256_mul_ps(dv, load_i8x8(P.sc + c0, CPG)) : dv;
+  }
+  __m256 fs[NR];
+  for (int n = 0; n < NR; ++n) {
+    if constexpr (G == 16) {  // units 2c, 2c + 1 share chunk c's activation scale
+      const __m256 xs = _mm256_castps128_ps256(_mm_loadu_ps(A[n].xs + c0));
+      fs[n] = _mm256_mul_ps(wsc, _mm256_permutevar8x32_ps(xs, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
+    } else {  // (scales / sums are padded: lanes past a half group read zeros and get zero scales)
+      fs[n] = _mm256_mul_ps(wsc, _mm256_loadu_ps(A[n].xs + c0));
+    }
+  }
+  if constexpr (Min) {  // offsets (G == 32): dm * mn per chunk times the activation block sums
+    const __m256 dmv = W.sshift ? _mm256_set1_ps(_cvtsh_ss(P.dm[v0 >> 8])) : load_f16x8(P.dm + c0, CPG);
+    const __m256 off = _mm256_mul_ps(dmv, load_i8x8(P.mn + c0, CPG));
+    for (int n = 0; n < NR; ++n) macc[n] = _mm256_fmadd_ps(off, _mm256_loadu_ps(A[n].xsum + c0), macc[n]);
+  }
+  __m256i iL[NR], iH[NR], sL[NR], sH[NR];
+  for (int n = 0; n < NR; ++n) iL[n] = iH[n] = sL[n] = sH[n] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+  for (int k = 0; k < R / 64; ++k) {
+    __m256i vL, vH;
+    slot_pair<Bits, Zp>(wg, hg, 2 * k, vL, vH);
+    for (int n = 0; n < NR; ++n) {
+      const int64_t off = v0 + 64 * k;
+      const __m256i pL = mul_pairs<Unsigned>(vL, A[n], off), pH = mul_pairs<Unsigned>(vH, A[n], off + 32);
+      if constexpr (Bits == 8) {
+        iL[n] = _mm256_add_epi32(iL[n], _mm256_madd_epi16(pL, ones));
+        iH[n] = _mm256_add_epi32(iH[n], _mm256_madd_epi16(pH, ones));
+      } else {  // |pair| <= 2*15*127 (4-bit), 2*31*127 (5-bit), 2*32*127 (6-bit): R / 64 <= 4 of them fit int16
+        sL[n] = _mm256_add_epi16(sL[n], pL);
+        sH[n] = _mm256_add_epi16(sH[n], pH);
+      }
+    }
+  }
+  const __m256i idxL = U == 8 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) : _mm256_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2);
+  const __m256i idxH = U == 8 ? _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7) : _mm256_setr_epi32(1, 3, 1, 3, 1, 3, 1, 3);
+  for (int n = 0; n < NR; ++n) {
+    if constexpr (Bits != 8) iL[n] = _mm256_madd_epi16(sL[n], ones), iH[n] = _mm256_madd_epi16(sH[n], ones);
+    acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iL[n]), _mm256_permutevar8x32_ps(fs[n], idxL), acc[n]);
+    acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iH[n]), _mm256_permutevar8x32_ps(fs[n], idxH), acc[n]);
+  }
+}
+
+// y[n] = dot(W row o, A[n]) for n < NR (before the bias)
 template <int Bits, int Zp, int G, bool Min, bool Sc, int NR>
 inline void bq_rows(const Weight& W, int64_t o, const Act* A, float* y) {
   constexpr bool Unsigned = Bits != 8 && Zp == 0;
-  constexpr int R = 8 * G, CPG = R / 32;  // weights, activation chunks per group
   const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* w = W.q + o * W.ldq;
-  const uint8_t* h = (Bits == 5 || Bits == 6) ? W.qh + o * W.ldh : nullptr;
-  const uint16_t* d = W.d + o * W.ldd;
-  const int8_t* sc = Sc ? W.sc + o * W.ldg : nullptr;
-  const uint16_t* dm = Min ? W.dm + o * W.ldd : nullptr;
-  const int8_t* mn = Min ? W.mn + o * W.ldg : nullptr;
+  const RowPtrs P{W.q + o * W.ldq, (Bits == 5 || Bits == 6) ? W.qh + o * W.ldh : nullptr, W.d + o * W.ldd,
+                  Sc ? W.sc + o * W.ldg : nullptr, Min ? W.dm + o * W.ldd : nullptr, Min ? W.mn + o * W.ldg : nullptr};
   __m256 acc[NR], macc[NR];
   for (int n = 0; n < NR; ++n) acc[n] = macc[n] = _mm256_setzero_ps();
-  const int64_t ng = W.K / R;
-  constexpr int64_t kGroupBytes = Bits == 8 ? R : R / 2;
-  constexpr int64_t kPlaneBytes = Bits == 6 ? R / 4 : Bits == 5 ? R / 8 : 0;
-  for (int64_t g = 0; g < ng; ++g) {
-    const int64_t c0 = g * CPG;  // first activation chunk of the group
-    const uint8_t* wg = w + g * kGroupBytes;
-    const uint8_t* hg = h ? h + g * kPlaneBytes : nullptr;
-    _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetch), _MM_HINT_T0);
-    if constexpr (kGroupBytes > 64) _mm_prefetch(reinterpret_cast<const char*>(wg + 64 + kPrefetch), _MM_HINT_T0);
-    if constexpr (kGroupBytes > 128) {
-      _mm_prefetch(reinterpret_cast<const char*>(wg + 128 + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wg + 192 + kPrefetch), _MM_HINT_T0);
-    }
-    // the 8 units' weight scales: d (per chunk or per super-block) times sc
-    __m256 wsc;
-    if constexpr (G == 16) {
-      wsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(d[(g * R) >> 8])), load_i8x8(sc + 8 * g, 8));
-    } else {
-      const __m256 dv = W.sshift ? _mm256_set1_ps(_cvtsh_ss(d[g])) : load_f16x8(d + c0, 8);
-      wsc = Sc ? _mm256_mul_ps(dv, load_i8x8(sc + c0, 8)) : dv;
-    }
-    __m256 fs[NR];
-    for (int n = 0; n < NR; ++n) {
-      if constexpr (G == 16) {  // units 2c, 2c + 1 share chunk c's activation scale
-        const __m256 xs = _mm256_castps128_ps256(_mm_loadu_ps(A[n].xs + c0));
-        fs[n] = _mm256_mul_ps(wsc, _mm256_permutevar8x32_ps(xs, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)));
-      } else {
-        fs[n] = _mm256_mul_ps(wsc, _mm256_loadu_ps(A[n].xs + c0));
-      }
-    }
-    if constexpr (Min) {  // offsets (G == 32): dm * mn per chunk times the activation block sums
-      const __m256 dmv = W.sshift ? _mm256_set1_ps(_cvtsh_ss(dm[g])) : load_f16x8(dm + c0, 8);
-      const __m256 off = _mm256_mul_ps(dmv, load_i8x8(mn + c0, 8));
-      for (int n = 0; n < NR; ++n) macc[n] = _mm256_fmadd_ps(off, _mm256_loadu_ps(A[n].xsum + c0), macc[n]);
-    }
-    __m256i iL[NR], iH[NR], sL[NR], sH[NR];
-    for (int n = 0; n < NR; ++n) iL[n] = iH[n] = sL[n] = sH[n] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-    for (int k = 0; k < G / 8; ++k) {
-      __m256i vL, vH;
-      slot_pair<Bits, Zp>(wg, hg, 2 * k, vL, vH);
-      for (int n = 0; n < NR; ++n) {
-        const int64_t off = g * R + 64 * k;
-        const __m256i pL = mul_pairs<Unsigned>(vL, A[n], off), pH = mul_pairs<Unsigned>(vH, A[n], off + 32);
-        if constexpr (Bits == 8) {
-          iL[n] = _mm256_add_epi32(iL[n], _mm256_madd_epi16(pL, ones));
-          iH[n] = _mm256_add_epi32(iH[n], _mm256_madd_epi16(pH, ones));
-        } else {  // |pair| <= 2*15*127 (4-bit), 2*31*127 (5-bit), 2*32*127 (6-bit): G / 8 <= 4 of them fit int16
-          sL[n] = _mm256_add_epi16(sL[n], pL);
-          sH[n] = _mm256_add_epi16(sH[n], pH);
-        }
-      }
-    }
-    const __m256i idxL = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6), idxH = _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7);
-    for (int n = 0; n < NR; ++n) {
-      if constexpr (Bits != 8) iL[n] = _mm256_madd_epi16(sL[n], ones), iH[n] = _mm256_madd_epi16(sH[n], ones);
-      acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iL[n]), _mm256_permutevar8x32_ps(fs[n], idxL), acc[n]);
-      acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iH[n]), _mm256_permutevar8x32_ps(fs[n], idxH), acc[n]);
-    }
-  }
-  if constexpr (G == 32) {  // the plain-order tail: chunk by chunk, scales broadcast
-    for (int64_t c = ng * CPG; c < W.nb; ++c) {
-      const __m256i v = load_chunk<Bits, Zp>(w, h, c);
-      const float wsc = _cvtsh_ss(d[c >> W.sshift]) * (Sc ? static_cast<float>(sc[c]) : 1.f);
-      const float off = Min ? _cvtsh_ss(dm[c >> W.sshift]) * static_cast<float>(mn[c]) : 0.f;
+  int64_t v0 = 0;
+  for (; v0 + 8 * G <= W.K; v0 += 8 * G) bq_group<Bits, Zp, G, Min, Sc, NR, 8>(W, P, v0, A, acc, macc);
+  if constexpr (G == 32) {
+    if (v0 + 4 * G <= W.K) bq_group<Bits, Zp, G, Min, Sc, NR, 4>(W, P, v0, A, acc, macc), v0 += 4 * G;
+    // 5-bit: the rest's words follow the groups' planes
+    const uint8_t* hr = Bits == 5 ? P.h + 32 * ((v0 + 255) / 256) - 4 * (v0 / 32) : P.h;
+    for (int64_t c = v0 / 32; c < W.nb; ++c) {  // the plain-order rest: chunk by chunk, scales broadcast
+      const __m256i v = load_chunk<Bits, Zp>(P.w, hr, c);
+      const float wsc = _cvtsh_ss(P.d[c >> W.sshift]) * (Sc ? static_cast<float>(P.sc[c]) : 1.f);
+      const float off = Min ? _cvtsh_ss(P.dm[c >> W.sshift]) * static_cast<float>(P.mn[c]) : 0.f;
       for (int n = 0; n < NR; ++n) {
         const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(mul_pairs<Unsigned>(v, A[n], c * kChunk), ones));
         acc[n] = _mm256_fmadd_ps(p, _mm256_set1_ps(wsc * A[n].xs[c]), acc[n]);
@@ -346,7 +363,9 @@ Weight make_weight(const torch::Tensor& q, const c10::optional<torch::Tensor>& q
   TORCH_CHECK(S == 32 || S == 256, "super-block must be 32 or 256");
   TORCH_CHECK(K % S == 0 && S % G == 0, "K must be a multiple of the super-block");
   TORCH_CHECK(zp >= 0 && zp < 64, "bad zero point");
-  const int64_t hbytes = bits == 5 ? K / 8 : bits == 6 ? K / 4 : 0;
+  // 5-bit planes: 32 bytes per group (and half group), then a word per 32 of the rest
+  const int64_t ngh = K / 256 + ((K % 256) >= 128), rest5 = (K - 256 * (K / 256) - 128 * ((K % 256) >= 128)) / 32;
+  const int64_t hbytes = bits == 5 ? 32 * ngh + 4 * rest5 : bits == 6 ? K / 4 : 0;
   TORCH_CHECK(qh.has_value() == (hbytes > 0), "a high-bit plane comes with 5- and 6-bit storage only");
   if (qh) TORCH_CHECK(qh->is_contiguous() && qh->element_size() == 1 && qh->dim() == 2 && qh->size(0) == O &&
                       qh->size(1) == hbytes, "bad qh");
@@ -477,7 +496,20 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
         __m256i qv;
         switch (W.bits) {
           case 4: qv = load_chunk<4, 0>(w, h, b); break;
-          case 5: qv = load_chunk<5, 0>(w, h, b); break;
+          case 5: {  // nibbles + bit 4 from the group's plane (or the rest's word)
+            const int64_t ng = W.K / 256, nh = (W.K % 256) >= 128, gc = 8 * ng + 4 * nh;
+            if (b < gc) {
+              const int64_t gi = b < 8 * ng ? b / 8 : ng, bit = b < 8 * ng ? b % 8 : b - 8 * ng;
+              alignas(32) uint8_t plane[32], vb[32];
+              std::memcpy(plane, h + 32 * gi, 32);
+              _mm256_store_si256(reinterpret_cast<__m256i*>(vb), load_chunk<4, 0>(w, h, b));
+              for (int i = 0; i < 32; ++i) vb[i] |= ((plane[i] >> bit) & 1) << 4;
+              qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(vb));
+            } else {
+              qv = load_chunk<5, 0>(w, h + 32 * (ng + nh) - 4 * gc, b);
+            }
+            break;
+          }
           case 6: qv = load_chunk<6, 0>(w, h, b); break;
           default: qv = load_chunk<8, 0>(w, h, b); break;
         }
@@ -516,7 +548,8 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
 // file's blocks (gguf_linear.py has the same in torch ops for machines without this extension).
 // src [O, nb, Bb] bytes (the last dimension contiguous, any strides else): groups of gb blocks;
 // word m of an output group = word table[m] of the input group; a last partial group is copied.
-torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb) {
+torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
+                               const c10::optional<torch::Tensor>& table_half) {
   TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1, "src must be [O, nb, Bb] bytes");
   const int64_t O = src.size(0), nb = src.size(1), Bb = src.size(2);
   TORCH_CHECK(Bb % 4 == 0 && gb >= 1, "blocks must be whole words");
@@ -524,6 +557,14 @@ torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& ta
   TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.numel() == gw && table.is_contiguous(), "bad table");
   const int64_t* tab = table.data_ptr<int64_t>();
   for (int64_t m = 0; m < gw; ++m) TORCH_CHECK(0 <= tab[m] && tab[m] < gw, "table out of range");
+  // a last half group (gb / 2 blocks) with its own table, when given
+  const int64_t* tabh = nullptr;
+  if (table_half) {
+    TORCH_CHECK(gb % 2 == 0 && table_half->scalar_type() == torch::kInt64 && table_half->numel() == gw / 2 &&
+                table_half->is_contiguous(), "bad half table");
+    tabh = table_half->data_ptr<int64_t>();
+    for (int64_t m = 0; m < gw / 2; ++m) TORCH_CHECK(0 <= tabh[m] && tabh[m] < gw / 2, "half table out of range");
+  }
   auto out = torch::empty({O, nb * Bb}, src.options().memory_format(at::MemoryFormat::Contiguous));
   const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr());
   uint8_t* d = reinterpret_cast<uint8_t*>(out.data_ptr());
@@ -537,7 +578,13 @@ torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& ta
         uint8_t* og = row + g * gb * Bb;
         for (int64_t m = 0; m < gw; ++m) std::memcpy(og + 4 * m, grp.data() + 4 * tab[m], 4);
       }
-      for (int64_t b = ng * gb; b < nb; ++b) std::memcpy(row + b * Bb, s + o * so + b * sb, Bb);
+      int64_t b = ng * gb;
+      if (tabh && nb - b >= gb / 2) {
+        for (int64_t i = 0; i < gb / 2; ++i) std::memcpy(grp.data() + i * Bb, s + o * so + (b + i) * sb, Bb);
+        for (int64_t m = 0; m < gw / 2; ++m) std::memcpy(row + b * Bb + 4 * m, grp.data() + 4 * tabh[m], 4);
+        b += gb / 2;
+      }
+      for (; b < nb; ++b) std::memcpy(row + b * Bb, s + o * so + b * sb, Bb);
     }
   });
   return out;
@@ -555,7 +602,7 @@ std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src) {
   uint8_t* ph = qh.data_ptr<uint8_t>();
   const int64_t so = src.stride(0), sb = src.stride(1);
   int64_t tab[32];
-  for (int64_t m = 0; m < 32; ++m) tab[m] = sigma_word(m, 16);
+  for (int64_t m = 0; m < 32; ++m) tab[m] = sigma_word(m, 16, 8);
   at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, K)), [&](int64_t o0, int64_t o1) {
     uint8_t u[256], st[128];
     for (int64_t o = o0; o < o1; ++o) {

@@ -9,9 +9,10 @@ with s = k // S (super-block), g = k // G (group), ``sc`` absent = 1 and ``dm``/
 ``u`` is kept in the kernels' interleaved order (``_sigma``: each full group of 8 G weights is
 reordered by 4-byte words so that one vector lane holds one scale group; the tail stays) and in
 ``bits``: 8 = int8 [O, K]; 4 = nibbles [O, K/2] (per 64 stored values, low nibble i = value i,
-high = 32 + i, GGUF's Q4_K byte order); 5 and 6 = those nibbles plus a high-bit plane ``qh`` (5: a
-32-bit word per 32 values, bit i = bit 4 of value i, as Q5_0; 6: per 128 values 32 bytes, bits
-2c..2c+1 of byte i = bits 4-5 of value 32c + i, as Q6_K).
+high = 32 + i, GGUF's Q4_K byte order); 5 and 6 = those nibbles plus a high-bit plane ``qh`` (5:
+per group 32 bytes, bit v of byte p = bit 4 of value 32 v + p, then a 32-bit word per 32 values of
+the plain rest (``_plane5``); 6: per 128 values 32 bytes, bits 2c..2c+1 of byte i = bits 4-5 of
+value 32c + i, as Q6_K).
 ``zp`` is Q6_K's zero point 32 (else 0). ``d``/``dm`` are GGUF's fp16 scales as stored and
 ``sc``/``mn`` its integer sub-scales; the fp32 products are exactly those
 ``gguf.quants.dequantize`` computes.
@@ -122,11 +123,11 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @lru_cache(maxsize=None)
-def _sigma_words(G: int) -> torch.Tensor:
-    """Stored word m of a group of 8 G values <- weight word (csrc sigma_word)."""
-    m = torch.arange(2 * G)
-    v, j = m // 8, m % 8
-    return (2 * (j % 4) + v % 2) * (G // 4) + 2 * (v // 2) + j // 4
+def _sigma_words(G: int, U: int = 8) -> torch.Tensor:
+    """Stored word m of a group of U units of G values <- weight word (csrc sigma_word)."""
+    m = torch.arange(U * G // 4)
+    v, j, P = m // 8, m % 8, U // 2
+    return (2 * (j % P) + v % 2) * (G // 4) + (8 // P) * (v // 2) + j // P
 
 
 @lru_cache(maxsize=None)
@@ -138,13 +139,20 @@ def _q4k_words() -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _sigma(K: int, G: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The interleaved order of ``csrc/gguf_kernels.cpp`` (see bq_rows): stored value m of a row is
-    weight sigma[m]; full groups of 8 G are reordered in 4-byte words, the tail stays. Returns
-    (sigma, its inverse)."""
+    """The interleaved order of ``csrc/gguf_kernels.cpp`` (see bq_group): stored value m of a row is
+    weight sigma[m]; full groups of 8 G (and, for G = 32, a last half group of 4 G) are reordered
+    in 4-byte words, the rest stays. Returns (sigma, its inverse)."""
+    def local(U: int) -> torch.Tensor:
+        return (_sigma_words(G, U)[:, None] * 4 + torch.arange(4)).reshape(U * G)
+
     R = 8 * G
-    local = (_sigma_words(G)[:, None] * 4 + torch.arange(4)).reshape(R)
     ng = K // R
-    sigma = torch.cat([(torch.arange(ng)[:, None] * R + local).reshape(-1), torch.arange(ng * R, K)])
+    parts = [(torch.arange(ng)[:, None] * R + local(8)).reshape(-1)]
+    at = ng * R
+    if G == 32 and K - at >= 4 * G:
+        parts.append(at + local(4))
+        at += 4 * G
+    sigma = torch.cat(parts + [torch.arange(at, K)])
     return sigma, torch.argsort(sigma)
 
 
@@ -163,12 +171,57 @@ def _store(u: torch.Tensor, bits: int, G: int) -> tuple[torch.Tensor, torch.Tens
     q = _to_nib_layout(us & 15)
     if bits == 4:
         return q, None
-    if bits == 5:  # bit t of byte j = bit 4 of stored value 8 j + t
-        hb = ((us >> 4) & 1).reshape(O, K // 8, 8) << torch.arange(8, dtype=torch.uint8)
-        return q, hb.sum(-1, dtype=torch.uint8)
+    if bits == 5:
+        return q, _plane5((us >> 4) & 1)
     # 6: per 128 stored values, bits 2c..2c+1 of byte i = bits 4-5 of value 32 c + i
     h2 = ((us >> 4) & 3).reshape(O, K // 128, 4, 32) << torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
     return q, h2.sum(2, dtype=torch.uint8).reshape(O, K // 4)
+
+
+def _plane5_split(K: int) -> tuple[int, int, int]:
+    """5-bit planes: (values in full groups of 256, values in a half group of 128, rest)."""
+    full = K // 256 * 256
+    half = 128 if K - full >= 128 else 0
+    return full, half, K - full - half
+
+
+def _plane5(hb: torch.Tensor) -> torch.Tensor:
+    """[O, K] bits (stored order) -> the 5-bit plane: per group of 256 (or half group of 128)
+    32 bytes, bit v of byte p = value 32 v + p; then per 32 values of the rest a little-endian
+    word, bit i = value i."""
+    O, K = hb.shape
+    full, half, rest = _plane5_split(K)
+    parts = []
+    if full:
+        g = hb[:, :full].reshape(O, full // 256, 8, 32) << torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+        parts.append(g.sum(2, dtype=torch.uint8).reshape(O, -1))
+    if half:
+        g = hb[:, full:full + 128].reshape(O, 4, 32) << torch.arange(4, dtype=torch.uint8).view(1, 4, 1)
+        parts.append(g.sum(1, dtype=torch.uint8))
+    if rest:
+        w = hb[:, full + half:].reshape(O, rest // 8, 8) << torch.arange(8, dtype=torch.uint8)
+        parts.append(w.sum(-1, dtype=torch.uint8))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0].contiguous()
+
+
+def _unplane5(qh: torch.Tensor, K: int) -> torch.Tensor:
+    """The inverse of _plane5: [rows, bytes] -> [rows, K] bits."""
+    rows = qh.shape[0]
+    full, half, rest = _plane5_split(K)
+    parts, at = [], 0
+    if full:
+        n = full // 8
+        g = qh[:, at:at + n].reshape(rows, full // 256, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+        parts.append((g & 1).reshape(rows, full))
+        at += n
+    if half:
+        g = qh[:, at:at + 32].reshape(rows, 1, 32) >> torch.arange(4, dtype=torch.uint8).view(1, 4, 1)
+        parts.append((g & 1).reshape(rows, 128))
+        at += 32
+    if rest:
+        w = qh[:, at:at + rest // 8].reshape(rows, rest // 8, 1) >> torch.arange(8, dtype=torch.uint8)
+        parts.append((w & 1).reshape(rows, rest))
+    return torch.cat(parts, 1)
 
 
 def _bytes(raw) -> torch.Tensor:
@@ -199,7 +252,7 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
     if qtype == "Q8_0":
         d = _f16(b[..., 0:2])
         if ops is not None:
-            q = ops.bq_permute_words(b[..., 2:], _sigma_words(32), 8).view(i8)
+            q = ops.bq_permute_words(b[..., 2:], _sigma_words(32), 8, _sigma_words(32, 4)).view(i8)
         else:
             q, _ = _store(b[..., 2:].contiguous().view(i8).view(O, K), 8, 32)
     elif qtype in ("Q5_0", "Q5_1"):
@@ -240,7 +293,7 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
         if qtype == "Q4_K":  # the stored order is a word permutation of the file's nibble bytes:
             # stored word 8k + 4jj + t of a super-block <- file word 8t + 2k + jj
             if ops is not None:
-                q = ops.bq_permute_words(b[..., 16:], _q4k_words(), 1)
+                q = ops.bq_permute_words(b[..., 16:], _q4k_words(), 1, None)
             else:
                 words = b[..., 16:].contiguous().view(torch.int32).view(O, nb, 4, 4, 2)
                 q = words.permute(0, 1, 3, 4, 2).contiguous().view(torch.uint8).view(O, K // 2)
@@ -282,8 +335,8 @@ def _dequant_rows(w: BlockWeight, q, qh, d, sc, dm, mn, dtype: torch.dtype) -> t
     if w.nib:
         p = q.view(rows, K // 64, 1, 32)
         q = torch.cat([p & 15, p >> 4], dim=2).view(rows, K)
-        if w.bits == 5:  # bit t of byte j is bit 4 of weight 8j + t
-            q = q | (((qh.view(rows, K // 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1) << 4).view(rows, K)
+        if w.bits == 5:
+            q = q | (_unplane5(qh, K) << 4)
         elif w.bits == 6:  # bits 2c..2c+1 of byte i (per 128) are bits 4-5 of weight 32c + i
             sh = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
             q = q | (((qh.view(rows, K // 128, 1, 32) >> sh) & 3) << 4).view(rows, K)
