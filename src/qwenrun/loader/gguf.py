@@ -2,6 +2,7 @@
 dequantized through the ``gguf`` package and renamed to Hugging Face names."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 from collections.abc import Iterator
@@ -182,8 +183,6 @@ class _Scratch:
 def _pack_rows(pack, qtype: str, members: list["GGUFTensorInfo"], scratch: _Scratch, mm) -> list:
     """Pack the members' raw bytes as one [sum O, K] weight; return one row-view BlockWeight per
     member."""
-    from ..quant.gguf_linear import BlockWeight
-
     K = members[0].shape[1]
     rows = [x.shape[0] for x in members]
     if mm is not None and all(b.offset == a.offset + a.data.nbytes for a, b in zip(members, members[1:])):
@@ -199,15 +198,15 @@ def _pack_rows(pack, qtype: str, members: list["GGUFTensorInfo"], scratch: _Scra
         lo = raw.ctypes.data
         hi = lo + raw.nbytes
     w = pack(qtype, raw, (sum(rows), K))
-    fields = {"q": w.q, "d": w.d, "sc": w.sc, "dm": w.dm, "mn": w.mn}
+    # every tensor field of a BlockWeight is laid out per output row ([O, ...]): slice them all
+    fields = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)}
     if lo is not None:  # never leave a view of the scratch buffer (pack copies; make sure)
         for k, v in fields.items():
-            if v is not None and lo <= v.untyped_storage().data_ptr() < hi:
+            if lo <= v.untyped_storage().data_ptr() < hi:
                 fields[k] = v.clone()
     parts, r0 = [], 0
     for n in rows:
-        sl = {k: None if v is None else v[r0:r0 + n] for k, v in fields.items()}
-        parts.append(BlockWeight(w.qtype, (n, K), sl["q"], sl["d"], sl["sc"], sl["dm"], sl["mn"], w.G, w.S, w.nib))
+        parts.append(dataclasses.replace(w, shape=(n, K), **{k: v[r0:r0 + n] for k, v in fields.items()}))
         r0 += n
     return parts
 
