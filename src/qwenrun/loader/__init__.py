@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from ..config import EngineConfig, GenerationDefaults, ModelConfig
 from ..errors import ModelLoadError
+from ..layers.rotary import rope_table
 from ..models.qwen2 import Qwen2ForCausalLM, build_on_meta
 from ..tokenizer import Tokenizer
 from . import hub
@@ -180,10 +182,14 @@ def load(cfg: EngineConfig, progress: bool = True,
     else:
         src = resolve(cfg.model, cfg.revision, progress=progress)
     gguf_model = None
+    # Work the weights don't wait for (the tokenizer, the RoPE table) runs on a helper thread while
+    # they load: the repacking is mostly torch copies and page faults, which release the GIL.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenrun-load")
+    tokenizer_job: Future | None = None
     if src is not None and src.kind == "gguf":
         gguf_model = read_gguf(src.path)
         mcfg = gguf_model.config
-        tokenizer = Tokenizer.from_gguf(gguf_model)
+        tokenizer_job = background.submit(Tokenizer.from_gguf, gguf_model)
     elif src is not None:
         mcfg = ModelConfig.from_file(src.path / "config.json")
         gen = GenerationDefaults.from_file(src.path / "generation_config.json")
@@ -214,6 +220,7 @@ def load(cfg: EngineConfig, progress: bool = True,
         on_linear = native_on_linear(on_linear)
 
     model = build_on_meta(mcfg)
+    rope_job = background.submit(rope_table, mcfg.head_dim, mcfg.rope_theta, mcfg.max_position_embeddings, device)
     n_tensors = sum(1 for _ in model.named_parameters()) - (1 if mcfg.tie_word_embeddings else 0)
     if cfg.random_weights:
         weights = _random_weights(model, cfg.seed)
@@ -222,12 +229,17 @@ def load(cfg: EngineConfig, progress: bool = True,
     else:
         weights = iter_safetensors(src.path)
     name = cfg.model if src is None else src.name
-    in_place = model.load_weights(_progress(weights, n_tensors, f"Loading {name}", progress), dtype=dtype,
-                                  device=device, on_linear=on_linear)
-    file_backed = in_place if (src is not None and src.kind == "hf" and device.type == "cpu") else 0
-    if not file_backed:  # fusing copies; weights served straight from the page cache stay unfused
-        model.fuse_qkv()
-    model.init_rope(device)
+    try:
+        in_place = model.load_weights(_progress(weights, n_tensors, f"Loading {name}", progress), dtype=dtype,
+                                      device=device, on_linear=on_linear)
+        file_backed = in_place if (src is not None and src.kind == "hf" and device.type == "cpu") else 0
+        if not file_backed:  # fusing copies; weights served straight from the page cache stay unfused
+            model.fuse_qkv()
+        model.rope = rope_job.result()  # = model.init_rope(device)
+        if tokenizer_job is not None:
+            tokenizer = tokenizer_job.result()
+    finally:
+        background.shutdown(wait=True, cancel_futures=True)
     model.eval()
     return LoadedModel(name=name, model=model, config=mcfg, tokenizer=tokenizer, generation_defaults=gen,
                        dtype=dtype, device=device, load_seconds=time.perf_counter() - t0,

@@ -2,6 +2,7 @@
 dequantized through the ``gguf`` package and renamed to Hugging Face names."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 from collections.abc import Iterator
@@ -64,20 +65,46 @@ class GGUFModel:
     tensors: list = field(default_factory=list)
     mm: Any = None  # the file's read-only mmap (tensor data are views of it)
 
-    def iter_tensors(self, dtype: torch.dtype = torch.float32, native: bool = False) -> Iterator[tuple[str, Any]]:
+    def iter_tensors(self, dtype: torch.dtype = torch.float32, native: bool = False,
+                     stack: bool = True) -> Iterator[tuple[str, Any]]:
         """Yield (hf_name, tensor): dense tensors in ``dtype``, block formats dequantized; with
         ``native``, 2-D block-quantized tensors come as ``quant.gguf_linear.BlockWeight`` (the
         file's values, repacked without loss) instead. Each tensor's file pages are dropped from
-        this process once read, so loading never holds the mapped file and its copy at once."""
+        this process once read, so loading never holds the mapped file and its copy at once.
+
+        With ``native`` and ``stack``, a layer's q/k/v weights (and its gate/up weights) of one
+        block format are packed together, as one [sum O, K] weight whose rows are the parts' rows
+        in fusing order, and yielded as row views of it: the model's fuse_qkv then stacks them
+        without a copy (``_QuantLinear.concat``). Rows are independent in every format, so each
+        view holds exactly the values ``pack`` gives the part alone."""
         from gguf import quants
 
         if native:
             from ..quant.gguf_linear import NATIVE_TYPES, pack
+            groups = _stack_groups(self.tensors, NATIVE_TYPES) if stack else {}
+            scratch = _Scratch()
+        done: set[str] = set()
         for t in self.tensors:
+            if t.name in done:
+                continue
             name = hf_name(t.name)
             qtype = t.type_name
             if qtype not in SUPPORTED_TYPES:
                 raise ModelLoadError(f"{self.path}: tensor {t.name} has unsupported type {qtype}")
+            if native and t.name in groups:
+                members = groups[t.name]
+                try:
+                    parts = _pack_rows(pack, qtype, members, scratch, self.mm)
+                except (ValueError, IndexError, TypeError) as e:
+                    raise ModelLoadError(f"{self.path}: cannot read tensors {', '.join(m.name for m in members)} "
+                                         f"({qtype}): {e}") from None
+                finally:
+                    for m in members:
+                        self._drop_pages(m)
+                for m, part in zip(members, parts):
+                    done.add(m.name)
+                    yield hf_name(m.name), part
+                continue
             try:
                 if native and qtype in NATIVE_TYPES and len(t.shape) == 2:
                     tensor = pack(qtype, t.data, t.shape)
@@ -109,6 +136,79 @@ class GGUFModel:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):
             pass
+
+
+# -- q/k/v and gate/up packed as one weight ---------------------------------------------------------
+# The model fuses these (Qwen2ForCausalLM.fuse_qkv) in this row order.
+_STACKS = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
+
+
+def _stack_groups(tensors: list["GGUFTensorInfo"], native_types) -> dict[str, list["GGUFTensorInfo"]]:
+    """GGUF name → the members (in fusing order) of the stack it belongs to, for every stack whose
+    members are all present, 2-D, of one native block format and of one row length."""
+    by_name = {t.name: t for t in tensors}
+    groups: dict[str, list[GGUFTensorInfo]] = {}
+    for t in tensors:
+        m = _BLK.match(t.name)
+        if not m:
+            continue
+        for stack in _STACKS:
+            if m.group(2) != stack[0]:
+                continue
+            members = [by_name.get(f"blk.{m.group(1)}.{leaf}") for leaf in stack]
+            if any(x is None or len(x.shape) != 2 for x in members):
+                continue
+            if len({x.type_name for x in members}) != 1 or members[0].type_name not in native_types:
+                continue
+            if len({x.shape[1] for x in members}) != 1:
+                continue
+            for x in members:
+                groups[x.name] = members
+    return groups
+
+
+class _Scratch:
+    """One reusable byte buffer for the raw bytes of a stack whose parts are not adjacent in the
+    file (its pages are touched once, not once per layer)."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(0, dtype=np.uint8)
+
+    def get(self, n: int) -> np.ndarray:
+        if self.buf.nbytes < n:
+            self.buf = np.empty(n, dtype=np.uint8)
+        return self.buf[:n]
+
+
+def _pack_rows(pack, qtype: str, members: list["GGUFTensorInfo"], scratch: _Scratch, mm) -> list:
+    """Pack the members' raw bytes as one [sum O, K] weight; return one row-view BlockWeight per
+    member."""
+    K = members[0].shape[1]
+    rows = [x.shape[0] for x in members]
+    if mm is not None and all(b.offset == a.offset + a.data.nbytes for a, b in zip(members, members[1:])):
+        # adjacent in the file: one view of the mapping, no copy
+        raw = np.frombuffer(mm, dtype=np.uint8, count=sum(x.data.nbytes for x in members), offset=members[0].offset)
+        lo = hi = None
+    else:
+        raw = scratch.get(sum(x.data.nbytes for x in members))
+        pos = 0
+        for x in members:
+            raw[pos:pos + x.data.nbytes] = x.data
+            pos += x.data.nbytes
+        lo = raw.ctypes.data
+        hi = lo + raw.nbytes
+    w = pack(qtype, raw, (sum(rows), K))
+    # every tensor field of a BlockWeight is laid out per output row ([O, ...]): slice them all
+    fields = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)}
+    if lo is not None:  # never leave a view of the scratch buffer (pack copies; make sure)
+        for k, v in fields.items():
+            if lo <= v.untyped_storage().data_ptr() < hi:
+                fields[k] = v.clone()
+    parts, r0 = [], 0
+    for n in rows:
+        parts.append(dataclasses.replace(w, shape=(n, K), **{k: v[r0:r0 + n] for k, v in fields.items()}))
+        r0 += n
+    return parts
 
 
 # -- a fast GGUF header parser -------------------------------------------------------------------
@@ -148,6 +248,21 @@ class _Cursor:
         self.pos += 8 + n
         return s
 
+    def strings(self, n: int) -> list[str]:
+        """``n`` strings in a row (a vocabulary: 150k+), the loop kept to locals."""
+        buf, pos, out = self.buf, self.pos, []
+        length = struct.Struct("<Q").unpack_from
+        append = out.append
+        for _ in range(n):
+            (m,) = length(buf, pos)
+            pos += 8
+            append(buf[pos:pos + m].decode("utf-8", errors="replace"))
+            pos += m
+        if pos > len(buf):
+            raise IndexError("string runs past the end of the file")
+        self.pos = pos
+        return out
+
     def value(self, t: int):
         if t == 8:
             return self.string()
@@ -155,7 +270,7 @@ class _Cursor:
             et, n = struct.unpack_from("<IQ", self.buf, self.pos)
             self.pos += 12
             if et == 8:
-                return [self.string() for _ in range(n)]
+                return self.strings(n)
             if et in _NP:
                 arr = np.frombuffer(self.buf, dtype=_NP[et], count=n, offset=self.pos)
                 self.pos += arr.nbytes

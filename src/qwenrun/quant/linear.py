@@ -147,6 +147,27 @@ def _tile_buffer(rows: int, K: int, dtype: torch.dtype = torch.float32) -> torch
     return buf[:rows * K].view(rows, K)
 
 
+def _cat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(ts)`` along rows; without a copy when the tensors are consecutive row blocks of
+    one contiguous buffer (as the GGUF loader packs a layer's q/k/v and gate/up): then the
+    result is the view spanning them."""
+    first = ts[0]
+    if all(t.is_contiguous() and t.dim() == first.dim() >= 1 and t.dtype == first.dtype and t.device == first.device
+           and t.shape[1:] == first.shape[1:] for t in ts):
+        st = first.untyped_storage()
+        pos = first.storage_offset()
+        ok = True
+        for t in ts:
+            if t.untyped_storage().data_ptr() != st.data_ptr() or t.storage_offset() != pos:
+                ok = False
+                break
+            pos += t.numel()
+        if ok and pos * first.element_size() <= st.nbytes():
+            rows = sum(t.shape[0] for t in ts)
+            return first.new_empty(0).set_(st, first.storage_offset(), (rows, *first.shape[1:]), first.stride())
+    return torch.cat(ts)
+
+
 class _QuantLinear(nn.Module):
     """Shared forward: kernel for few rows, dequantized tiles + matmul otherwise."""
 
@@ -198,7 +219,7 @@ class _QuantLinear(nn.Module):
         for name, buf in first.named_buffers():
             if name == "bias":
                 continue
-            fused.register_buffer(name, torch.cat([getattr(m, name) for m in mods]))
+            fused.register_buffer(name, _cat_rows([getattr(m, name) for m in mods]))
         if any(m.bias is not None for m in mods):
             dev = next(b for n, b in first.named_buffers() if n != "bias").device
             fused.bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, device=dev)
