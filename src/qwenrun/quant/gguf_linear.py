@@ -392,6 +392,8 @@ class GGUFLinear(_QuantLinear):
         if any(key(m) != key(first) for m in mods):
             raise ValueError("GGUF linears of different block layouts cannot be stacked")
         fused = super().concat(mods)
+        if all(m.dm is not None and m.dm.data_ptr() == m.d.data_ptr() for m in mods):
+            fused.dm = fused.d  # Q4_0/Q5_0 offsets are d itself: keep one copy
         for name in ("qh", "sc", "dm", "mn"):  # absent parts stay absent (concat stacks the present ones)
             if name not in fused._buffers:
                 fused.register_buffer(name, None)
