@@ -68,7 +68,7 @@ struct Act {  // one quantized activation row (scales and sums padded to a multi
   const int8_t* xq;
   const uint8_t* xa;
   const float* xs;
-  const float* xsum;
+  const float* xsum;  // activation block sums (real scale): per 32, or per 16 for G = 16
 };
 
 // Byte j of the result is 0x10 where bit j of `word` is set, else 0.
@@ -216,7 +216,6 @@ inline __m256i mul_pairs(__m256i v, const Act& A, int64_t off) {  // int16 lanes
   return _mm256_maddubs_epi16(a, _mm256_sign_epi8(v, x));
 }
 
-// y[n] = dot(W row o, A[n]) for n < NR (before the bias)
 struct RowPtrs {
   const uint8_t* w;
   const uint8_t* h;
@@ -230,7 +229,9 @@ struct RowPtrs {
 // the row: adds its dot products with A[n] to acc[n] (and the offsets to macc[n]).
 template <int Bits, int Zp, int G, bool Min, bool Sc, int NR, int U>
 inline void bq_group(const Weight& W, const RowPtrs& P, int64_t v0, const Act* A, __m256* acc, __m256* macc) {
-  constexpr bool Unsigned = Bits != 8 && Zp == 0;
+  // Q6_K's zero point goes into the offsets (zp * d * sc * activation sums per 16), so its
+  // integers stay unsigned (0..63): no sign trick, no |x| load
+  constexpr bool Unsigned = Bits != 8;
   constexpr int R = U * G, CPG = R / 32;  // values and activation chunks in the group
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t c0 = v0 / 32;
@@ -238,6 +239,8 @@ inline void bq_group(const Weight& W, const RowPtrs& P, int64_t v0, const Act* A
   const uint8_t* hg = Bits == 6 ? P.h + v0 / 4 : Bits == 5 ? P.h + 32 * (v0 / 256) : nullptr;  // 5: a plane per group
   constexpr int64_t kBytes = Bits == 8 ? R : R / 2;
   for (int64_t b = 0; b < kBytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + b + kPrefetch), _MM_HINT_T0);
+  if constexpr (Bits == 6) _mm_prefetch(reinterpret_cast<const char*>(hg + kPrefetch / 2), _MM_HINT_T0);
+  if constexpr (Bits == 5) _mm_prefetch(reinterpret_cast<const char*>(hg + kPrefetch / 4), _MM_HINT_T0);
   // the units' weight scales: d (per chunk or per super-block) times sc
   __m256 wsc;
   if constexpr (G == 16) {
@@ -260,19 +263,23 @@ inline void bq_group(const Weight& W, const RowPtrs& P, int64_t v0, const Act* A
     const __m256 off = _mm256_mul_ps(dmv, load_i8x8(P.mn + c0, CPG));
     for (int n = 0; n < NR; ++n) macc[n] = _mm256_fmadd_ps(off, _mm256_loadu_ps(A[n].xsum + c0), macc[n]);
   }
+  if constexpr (Zp != 0) {  // G == 16: xsum holds sums per 16
+    const __m256 offz = _mm256_mul_ps(wsc, _mm256_set1_ps(static_cast<float>(Zp)));
+    for (int n = 0; n < NR; ++n) macc[n] = _mm256_fmadd_ps(offz, _mm256_loadu_ps(A[n].xsum + 2 * c0), macc[n]);
+  }
   __m256i iL[NR], iH[NR], sL[NR], sH[NR];
   for (int n = 0; n < NR; ++n) iL[n] = iH[n] = sL[n] = sH[n] = _mm256_setzero_si256();
 #pragma GCC unroll 4
   for (int k = 0; k < R / 64; ++k) {
     __m256i vL, vH;
-    slot_pair<Bits, Zp>(wg, hg, 2 * k, vL, vH);
+    slot_pair<Bits, 0>(wg, hg, 2 * k, vL, vH);
     for (int n = 0; n < NR; ++n) {
       const int64_t off = v0 + 64 * k;
       const __m256i pL = mul_pairs<Unsigned>(vL, A[n], off), pH = mul_pairs<Unsigned>(vH, A[n], off + 32);
       if constexpr (Bits == 8) {
         iL[n] = _mm256_add_epi32(iL[n], _mm256_madd_epi16(pL, ones));
         iH[n] = _mm256_add_epi32(iH[n], _mm256_madd_epi16(pH, ones));
-      } else {  // |pair| <= 2*15*127 (4-bit), 2*31*127 (5-bit), 2*32*127 (6-bit): R / 64 <= 4 of them fit int16
+      } else {  // |pair| <= 2*15*127 (4-bit), 2*31*127 (5-bit), 2*63*127 (6-bit): R / 64 (4, 4, 2) of them fit int16
         sL[n] = _mm256_add_epi16(sL[n], pL);
         sH[n] = _mm256_add_epi16(sH[n], pH);
       }
@@ -296,6 +303,14 @@ inline void bq_rows(const Weight& W, int64_t o, const Act* A, float* y) {
                   Sc ? W.sc + o * W.ldg : nullptr, Min ? W.dm + o * W.ldd : nullptr, Min ? W.mn + o * W.ldg : nullptr};
   __m256 acc[NR], macc[NR];
   for (int n = 0; n < NR; ++n) acc[n] = macc[n] = _mm256_setzero_ps();
+  // the scales of the row two ahead in this stream: small separate arrays the prefetchers miss
+  auto ahead = [](const void* p, int64_t row_bytes) {
+    for (int64_t b = 0; b < row_bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(p) + 2 * row_bytes + b, _MM_HINT_T0);
+  };
+  ahead(P.d, W.ldd * 2);
+  if constexpr (Sc) ahead(P.sc, W.ldg);
+  if constexpr (Min) ahead(P.mn, W.ldg), ahead(P.dm, W.ldd * 2);
   int64_t v0 = 0;
   for (; v0 + 8 * G <= W.K; v0 += 8 * G) bq_group<Bits, Zp, G, Min, Sc, NR, 8>(W, P, v0, A, acc, macc);
   if constexpr (G == 32) {
@@ -315,7 +330,7 @@ inline void bq_rows(const Weight& W, int64_t o, const Act* A, float* y) {
   }
   for (int n = 0; n < NR; ++n) {
     y[n] = hsum(acc[n]);
-    if constexpr (Min) y[n] -= hsum(macc[n]);
+    if constexpr (Min || Zp != 0) y[n] -= hsum(macc[n]);
   }
 }
 
@@ -419,13 +434,17 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
   const RowsFn rows_tail = pick(W, G, dm.has_value(), sc.has_value(), static_cast<int>(N % kMaxNR));
   Scratch& scr = scratch;
   if (static_cast<int64_t>(scr.q.size()) < N * K) scr.q.resize(N * K), scr.a.resize(N * K), scr.p.resize(N * K);
-  if (static_cast<int64_t>(scr.s.size()) < N * nbp) scr.s.resize(N * nbp), scr.sum.resize(N * nbp);
+  const int64_t per = G == 16 ? 2 : 1;  // activation sums per 32 (offsets), or per 16 (Q6_K's zero point)
+  if (static_cast<int64_t>(scr.s.size()) < N * nbp) scr.s.resize(N * nbp);
+  if (static_cast<int64_t>(scr.sum.size()) < N * nbp * per) scr.sum.resize(N * nbp * per);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   for (int64_t n = 0; n < N; ++n) {
     int8_t* xq = scr.q.data() + n * K;
     float* xs = scr.s.data() + n * nbp;
     quantize_row(x_row(x, n, scr.xf), K, K, kChunk, xq, xs);
-    for (int64_t b = nb; b < nbp; ++b) xs[b] = 0.f, scr.sum[n * nbp + b] = 0.f;
+    float* xsum = scr.sum.data() + n * nbp * per;
+    for (int64_t b = nb; b < nbp; ++b) xs[b] = 0.f;
+    for (int64_t b = nb * per; b < nbp * per; ++b) xsum[b] = 0.f;
     // the weights' interleaved order (see bq_rows), then |x| of it for the sign trick
     int8_t* xp = scr.p.data() + n * K;
     permute_words(xq, xp, K, G, false);
@@ -437,12 +456,14 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
       const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16);
       alignas(32) int32_t t[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(t), s32);
-      scr.sum[n * nbp + b] = xs[b] * static_cast<float>(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]);
+      const int32_t lo = t[0] + t[1] + t[2] + t[3], hi = t[4] + t[5] + t[6] + t[7];  // values 0-15, 16-31
+      if (per == 2) xsum[2 * b] = xs[b] * static_cast<float>(lo), xsum[2 * b + 1] = xs[b] * static_cast<float>(hi);
+      else xsum[b] = xs[b] * static_cast<float>(lo + hi);
     }
   }
   std::vector<Act> acts(N);
   for (int64_t n = 0; n < N; ++n)
-    acts[n] = Act{scr.p.data() + n * K, scr.a.data() + n * K, scr.s.data() + n * nbp, scr.sum.data() + n * nbp};
+    acts[n] = Act{scr.p.data() + n * K, scr.a.data() + n * K, scr.s.data() + n * nbp, scr.sum.data() + n * nbp * per};
   auto y = torch::empty({N, O}, x.options());
   const YWriter out(y);
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
