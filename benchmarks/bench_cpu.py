@@ -66,7 +66,11 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
         for i in range(conc):
             eng.add_request(f"c{r}-{i}", None, sp, prompt_token_ids=[t + i + 100 * r for t in short],
                             output_kind=OutputKind.DELTA)
-        eng.step()  # all 16 prompts prefill together
+        # prefill every prompt first (max_num_batched_tokens may take several steps), so the timed
+        # part is decoding only
+        eng.step()
+        while eng.scheduler.waiting or any(s.num_output_tokens == 0 for s in eng.scheduler.running):
+            eng.step()
         t0 = time.perf_counter()
         n0 = sum(s.num_output_tokens for s in eng.scheduler.running)
         while eng.has_unfinished_requests():
