@@ -567,12 +567,15 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
 
 // Load-time repacking into the interleaved order, one pass, both cores, straight from the mapped
 // file's blocks (gguf_linear.py has the same in torch ops for machines without this extension).
-// src [O, nb, Bb] bytes (the last dimension contiguous, any strides else): groups of gb blocks;
+// src [O, nb, head + Bb] bytes (the last dimension contiguous, any strides else): each block's
+// first `head` bytes (scales) are copied to heads [O, nb * head]; of the rest, groups of gb blocks,
 // word m of an output group = word table[m] of the input group; a last partial group is copied.
-torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
-                               const c10::optional<torch::Tensor>& table_half) {
-  TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1, "src must be [O, nb, Bb] bytes");
-  const int64_t O = src.size(0), nb = src.size(1), Bb = src.size(2);
+// One pass over the mapped file on all threads (its page faults are most of a load's time).
+std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
+                                            const c10::optional<torch::Tensor>& table_half, int64_t head) {
+  TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1, "src must be [O, nb, B] bytes");
+  TORCH_CHECK(head >= 0 && head < src.size(2), "bad head");
+  const int64_t O = src.size(0), nb = src.size(1), Bb = src.size(2) - head;
   TORCH_CHECK(Bb % 4 == 0 && gb >= 1, "blocks must be whole words");
   const int64_t gw = gb * Bb / 4;  // words per group
   TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.numel() == gw && table.is_contiguous(), "bad table");
@@ -586,14 +589,18 @@ torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& ta
     tabh = table_half->data_ptr<int64_t>();
     for (int64_t m = 0; m < gw / 2; ++m) TORCH_CHECK(0 <= tabh[m] && tabh[m] < gw / 2, "half table out of range");
   }
-  auto out = torch::empty({O, nb * Bb}, src.options().memory_format(at::MemoryFormat::Contiguous));
-  const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr());
+  auto out = torch::empty({O, nb * Bb}, torch::kUInt8);
+  auto heads = torch::empty({O, nb * head}, torch::kUInt8);
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr()) + head;
   uint8_t* d = reinterpret_cast<uint8_t*>(out.data_ptr());
+  uint8_t* hd = heads.data_ptr<uint8_t>();
   const int64_t so = src.stride(0), sb = src.stride(1), ng = nb / gb;
   at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, nb * Bb)), [&](int64_t o0, int64_t o1) {
     std::vector<uint8_t> grp(gw * 4);
     for (int64_t o = o0; o < o1; ++o) {
       uint8_t* row = d + o * nb * Bb;
+      if (head)
+        for (int64_t b = 0; b < nb; ++b) std::memcpy(hd + (o * nb + b) * head, s + o * so + b * sb - head, head);
       for (int64_t g = 0; g < ng; ++g) {
         for (int64_t i = 0; i < gb; ++i) std::memcpy(grp.data() + i * Bb, s + o * so + (g * gb + i) * sb, Bb);
         uint8_t* og = row + g * gb * Bb;
@@ -608,7 +615,7 @@ torch::Tensor bq_permute_words(const torch::Tensor& src, const torch::Tensor& ta
       for (; b < nb; ++b) std::memcpy(row + b * Bb, s + o * so + b * sb, Bb);
     }
   });
-  return out;
+  return {out, heads};
 }
 
 // Q6_K blocks [O, nb, 210] (ql 128, qh 64, scales 16, d 2) -> the kernels' 6-bit storage:
@@ -618,6 +625,8 @@ std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src) {
               "src must be Q6_K blocks [O, nb, 210]");
   const int64_t O = src.size(0), nb = src.size(1), K = nb * 256;
   auto q = torch::empty({O, K / 2}, torch::kUInt8), qh = torch::empty({O, K / 4}, torch::kUInt8);
+  auto tail = torch::empty({O, nb * 18}, torch::kUInt8);  // per block: 16 int8 scales, fp16 d
+  uint8_t* pt = tail.data_ptr<uint8_t>();
   const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr());
   uint8_t* pq = q.data_ptr<uint8_t>();
   uint8_t* ph = qh.data_ptr<uint8_t>();
@@ -629,6 +638,7 @@ std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src) {
     for (int64_t o = o0; o < o1; ++o) {
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = s + o * so + b * sb;
+        std::memcpy(pt + (o * nb + b) * 18, blk + 192, 18);
         for (int half = 0; half < 2; ++half) {  // the file's order: per 128, ql[l] low = l, high = 64 + l
           const uint8_t* ql = blk + 64 * half;
           const uint8_t* hh = blk + 128 + 32 * half;
@@ -654,5 +664,5 @@ std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src) {
       }
     }
   });
-  return {q, qh};
+  return {q, qh, tail};
 }

@@ -250,10 +250,11 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
     i8 = torch.int8
     ops = kernels.ops() if use_kernels else None
     if qtype == "Q8_0":
-        d = _f16(b[..., 0:2])
-        if ops is not None:
-            q = ops.bq_permute_words(b[..., 2:], _sigma_words(32), 8, _sigma_words(32, 4)).view(i8)
+        if ops is not None:  # one pass over the mapped blocks: values permuted, fp16 d split off
+            q, head = ops.bq_permute_words(b, _sigma_words(32), 8, _sigma_words(32, 4), 2)
+            q, d = q.view(i8), head.view(torch.float16).view(O, nb)
         else:
+            d = _f16(b[..., 0:2])
             q, _ = _store(b[..., 2:].contiguous().view(i8).view(O, K), 8, 32)
     elif qtype in ("Q5_0", "Q5_1"):
         off = 2 if qtype == "Q5_0" else 4
@@ -287,13 +288,16 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
             q, _ = _store(v.to(i8), 8, 32)
     elif qtype in ("Q4_K", "Q5_K"):
         S = 256
+        if qtype == "Q4_K" and ops is not None:  # one pass: nibble words permuted, the 16-byte heads split off
+            q4, head = ops.bq_permute_words(b, _q4k_words(), 1, None, 16)
+            b = head.view(O, nb, 16)
         d, dm = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         s6, m6 = _scale_min_k4(b[..., 4:16])
         sc, mn = s6.to(i8).reshape(O, nb * 8), m6.to(i8).reshape(O, nb * 8)
         if qtype == "Q4_K":  # the stored order is a word permutation of the file's nibble bytes:
             # stored word 8k + 4jj + t of a super-block <- file word 8t + 2k + jj
             if ops is not None:
-                q = ops.bq_permute_words(b[..., 16:], _q4k_words(), 1, None)
+                q = q4
             else:
                 words = b[..., 16:].contiguous().view(torch.int32).view(O, nb, 4, 4, 2)
                 q = words.permute(0, 1, 3, 4, 2).contiguous().view(torch.uint8).view(O, K // 2)
@@ -305,12 +309,15 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
             (q, qh), bits = _store((lo | (hi << 4)).reshape(O, K), 5, 32), 5
     elif qtype == "Q6_K":
         S, G = 256, 16
-        ql, qh, scales, d = b[..., 0:128], b[..., 128:192], b[..., 192:208], _f16(b[..., 208:210])
         bits, zp = 6, 32
-        # per 128 weights: low nibble of ql[l] = weight l, high = 64 + l; qh[i] bits 2c = weight 32c + i
-        if ops is not None:
-            q, qh = ops.bq_pack_q6k(b)
+        if ops is not None:  # one pass: nibbles + plane built, the 18-byte tails (scales, d) split off
+            q, qh, tail = ops.bq_pack_q6k(b)
+            b = tail.view(O, nb, 18)
+            scales, d = b[..., 0:16], _f16(b[..., 16:18])
         else:
+            ql, qh, scales, d = b[..., 0:128], b[..., 128:192], b[..., 192:208], _f16(b[..., 208:210])
+        # per 128 weights: low nibble of ql[l] = weight l, high = 64 + l; qh[i] bits 2c = weight 32c + i
+        if ops is None:
             lo = (ql.reshape(O, nb, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 1, 2, 1)) & 15
             hi = (qh.reshape(O, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)) & 3
             q, qh = _store((lo.reshape(O, nb, 2, 4, 32) | (hi << 4)).reshape(O, K), 6, 16)
