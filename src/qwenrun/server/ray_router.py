@@ -19,6 +19,7 @@ only the ranking:
 from __future__ import annotations
 
 import logging
+import random
 from collections import OrderedDict
 from typing import Any
 
@@ -53,6 +54,14 @@ class PrefixAffinityRouter(RequestRouter):
         n = self.replica_queue_len_cache.get(rid)
         return 0 if n is None else n
 
+    @staticmethod
+    def _shuffled(replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """Serve takes the least-loaded replica of a rank, ties in list order. A burst of requests
+        arrives before any queue length is refreshed (all equal), so a fixed order would send the
+        whole burst to one replica; a random order breaks the ties the way power-of-two choices
+        does."""
+        return random.sample(replicas, len(replicas))
+
     def _match(self, hashes: list[int], live: dict[ReplicaID, RunningReplica]) -> tuple[ReplicaID | None, int]:
         """The live replica holding the longest remembered prefix, and its length in chunks."""
         for n in range(len(hashes), self.min_match_chunks - 1, -1):
@@ -78,11 +87,11 @@ class PrefixAffinityRouter(RequestRouter):
         rid, n = self._match(chunk_hashes(key, self.chunk_chars), live) if len(live) > 1 else (None, 0)
         if rid is None:
             self.stats["balanced"] += 1
-            return [candidate_replicas]
+            return [self._shuffled(candidate_replicas)]
         least = min(self._load(r) for r in live)
         if self._load(rid) - least > self.imbalance:
             self.stats["overloaded"] += 1
-            return [candidate_replicas]
+            return [self._shuffled(candidate_replicas)]
         self.stats["affinity"] += 1
         return [[live[rid]], [r for r in candidate_replicas if r.replica_id != rid]]
 
