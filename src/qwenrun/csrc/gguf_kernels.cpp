@@ -216,6 +216,22 @@ inline __m256i mul_pairs(__m256i v, const Act& A, int64_t off) {  // int16 lanes
   return _mm256_maddubs_epi16(a, _mm256_sign_epi8(v, x));
 }
 
+// The 5-bit plane of a row (G = 32): 32 bytes per full group of 256 and per half group of 128,
+// then a 32-bit word per chunk of the plain rest. One description for the kernel, the dequantizer
+// and the size check (gguf_linear._plane5 writes it).
+struct Plane5 {
+  int64_t group_chunks;  // chunks covered by the group planes (8 per group, 4 for a half group)
+  int64_t rest_at;       // byte offset of the rest's words
+  explicit Plane5(int64_t K) {
+    const int64_t ng = K / 256, nh = (K % 256) >= 128;
+    group_chunks = 8 * ng + 4 * nh;
+    rest_at = 32 * (ng + nh);
+  }
+  int64_t bytes(int64_t K) const { return rest_at + 4 * (K / 32 - group_chunks); }
+  // h such that the word of rest chunk c is at h + 4 c
+  const uint8_t* rest_words(const uint8_t* h) const { return h + rest_at - 4 * group_chunks; }
+};
+
 struct RowPtrs {
   const uint8_t* w;
   const uint8_t* h;
@@ -316,7 +332,7 @@ inline void bq_rows(const Weight& W, int64_t o, const Act* A, float* y) {
   if constexpr (G == 32) {
     if (v0 + 4 * G <= W.K) bq_group<Bits, Zp, G, Min, Sc, NR, 4>(W, P, v0, A, acc, macc), v0 += 4 * G;
     // 5-bit: the rest's words follow the groups' planes
-    const uint8_t* hr = Bits == 5 ? P.h + 32 * ((v0 + 255) / 256) - 4 * (v0 / 32) : P.h;
+    const uint8_t* hr = Bits == 5 ? Plane5(W.K).rest_words(P.h) : P.h;
     for (int64_t c = v0 / 32; c < W.nb; ++c) {  // the plain-order rest: chunk by chunk, scales broadcast
       const __m256i v = load_chunk<Bits, Zp>(P.w, hr, c);
       const float wsc = _cvtsh_ss(P.d[c >> W.sshift]) * (Sc ? static_cast<float>(P.sc[c]) : 1.f);
@@ -379,8 +395,7 @@ Weight make_weight(const torch::Tensor& q, const c10::optional<torch::Tensor>& q
   TORCH_CHECK(K % S == 0 && S % G == 0, "K must be a multiple of the super-block");
   TORCH_CHECK(zp >= 0 && zp < 64, "bad zero point");
   // 5-bit planes: 32 bytes per group (and half group), then a word per 32 of the rest
-  const int64_t ngh = K / 256 + ((K % 256) >= 128), rest5 = (K - 256 * (K / 256) - 128 * ((K % 256) >= 128)) / 32;
-  const int64_t hbytes = bits == 5 ? 32 * ngh + 4 * rest5 : bits == 6 ? K / 4 : 0;
+  const int64_t hbytes = bits == 5 ? Plane5(K).bytes(K) : bits == 6 ? K / 4 : 0;
   TORCH_CHECK(qh.has_value() == (hbytes > 0), "a high-bit plane comes with 5- and 6-bit storage only");
   if (qh) TORCH_CHECK(qh->is_contiguous() && qh->element_size() == 1 && qh->dim() == 2 && qh->size(0) == O &&
                       qh->size(1) == hbytes, "bad qh");
@@ -518,16 +533,16 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
         switch (W.bits) {
           case 4: qv = load_chunk<4, 0>(w, h, b); break;
           case 5: {  // nibbles + bit 4 from the group's plane (or the rest's word)
-            const int64_t ng = W.K / 256, nh = (W.K % 256) >= 128, gc = 8 * ng + 4 * nh;
-            if (b < gc) {
-              const int64_t gi = b < 8 * ng ? b / 8 : ng, bit = b < 8 * ng ? b % 8 : b - 8 * ng;
+            const Plane5 pl(W.K);
+            if (b < pl.group_chunks) {
+              const int64_t gi = b / 8, bit = b % 8;  // (a half group is group K / 256, bits 0-3)
               alignas(32) uint8_t plane[32], vb[32];
               std::memcpy(plane, h + 32 * gi, 32);
               _mm256_store_si256(reinterpret_cast<__m256i*>(vb), load_chunk<4, 0>(w, h, b));
               for (int i = 0; i < 32; ++i) vb[i] |= ((plane[i] >> bit) & 1) << 4;
               qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(vb));
             } else {
-              qv = load_chunk<5, 0>(w, h + 32 * (ng + nh) - 4 * gc, b);
+              qv = load_chunk<5, 0>(w, pl.rest_words(h), b);
             }
             break;
           }
