@@ -20,7 +20,8 @@
 // The products in fp32 are those gguf's reference dequantization computes, in the same order, so
 // bq_dequant returns its values exactly. The GEMV quantizes activations to int8 per 32 (one fp32
 // scale each, the same quantize_row as the int8/int4 kernels), multiplies with
-// _mm256_maddubs_epi16 / _mm256_madd_epi16 and applies the weight's scales per 32 (or 16) in fp32.
+// _mm256_maddubs_epi16 / _mm256_madd_epi16 (or one vpdpbusd where the CPU has VNNI, see
+// quant_common.h) and applies the weight's scales per 32 (or 16) in fp32.
 // The per-32 float scales (d * sc * activation scale) and the offset term
 // sum_k x_k * dm * mn (from the quantized activations' block sums) are computed 8 chunks at a
 // time in vector registers, so the inner loop per 32 weights is unpack, one integer dot product,
@@ -216,6 +217,16 @@ inline __m256i mul_pairs(__m256i v, const Act& A, int64_t off) {  // int16 lanes
   return _mm256_maddubs_epi16(a, _mm256_sign_epi8(v, x));
 }
 
+// VNNI: acc (int32 lanes) += the products of 4-byte lanes, straight from the bytes (one
+// vpdpbusd where maddubs + int16 adds + madd are three or more instructions)
+template <bool Unsigned>
+inline __m256i dot_acc(__m256i acc, __m256i v, const Act& A, int64_t off) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xq + off));
+  if constexpr (Unsigned) return qwenrun::dot4_acc(acc, v, x);
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.xa + off));
+  return qwenrun::dot4_acc(acc, a, _mm256_sign_epi8(v, x));
+}
+
 // The 5-bit plane of a row (G = 32): 32 bytes per full group of 256 and per half group of 128,
 // then a 32-bit word per chunk of the plain rest. One description for the kernel, the dequantizer
 // and the size check (gguf_linear._plane5 writes it).
@@ -291,6 +302,11 @@ inline void bq_group(const Weight& W, const RowPtrs& P, int64_t v0, const Act* A
     slot_pair<Bits, 0>(wg, hg, 2 * k, vL, vH);
     for (int n = 0; n < NR; ++n) {
       const int64_t off = v0 + 64 * k;
+      if constexpr (qwenrun::kVnni) {
+        iL[n] = dot_acc<Unsigned>(iL[n], vL, A[n], off);
+        iH[n] = dot_acc<Unsigned>(iH[n], vH, A[n], off + 32);
+        continue;
+      }
       const __m256i pL = mul_pairs<Unsigned>(vL, A[n], off), pH = mul_pairs<Unsigned>(vH, A[n], off + 32);
       if constexpr (Bits == 8) {
         iL[n] = _mm256_add_epi32(iL[n], _mm256_madd_epi16(pL, ones));
@@ -304,7 +320,7 @@ inline void bq_group(const Weight& W, const RowPtrs& P, int64_t v0, const Act* A
   const __m256i idxL = U == 8 ? _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6) : _mm256_setr_epi32(0, 2, 0, 2, 0, 2, 0, 2);
   const __m256i idxH = U == 8 ? _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7) : _mm256_setr_epi32(1, 3, 1, 3, 1, 3, 1, 3);
   for (int n = 0; n < NR; ++n) {
-    if constexpr (Bits != 8) iL[n] = _mm256_madd_epi16(sL[n], ones), iH[n] = _mm256_madd_epi16(sH[n], ones);
+    if constexpr (Bits != 8 && !qwenrun::kVnni) iL[n] = _mm256_madd_epi16(sL[n], ones), iH[n] = _mm256_madd_epi16(sH[n], ones);
     acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iL[n]), _mm256_permutevar8x32_ps(fs[n], idxL), acc[n]);
     acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iH[n]), _mm256_permutevar8x32_ps(fs[n], idxH), acc[n]);
   }
@@ -338,7 +354,9 @@ inline void bq_rows(const Weight& W, int64_t o, const Act* A, float* y) {
       const float wsc = _cvtsh_ss(P.d[c >> W.sshift]) * (Sc ? static_cast<float>(P.sc[c]) : 1.f);
       const float off = Min ? _cvtsh_ss(P.dm[c >> W.sshift]) * static_cast<float>(P.mn[c]) : 0.f;
       for (int n = 0; n < NR; ++n) {
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(mul_pairs<Unsigned>(v, A[n], c * kChunk), ones));
+        const __m256i d32 = qwenrun::kVnni ? dot_acc<Unsigned>(_mm256_setzero_si256(), v, A[n], c * kChunk)
+                                           : _mm256_madd_epi16(mul_pairs<Unsigned>(v, A[n], c * kChunk), ones);
+        const __m256 p = _mm256_cvtepi32_ps(d32);
         acc[n] = _mm256_fmadd_ps(p, _mm256_set1_ps(wsc * A[n].xs[c]), acc[n]);
         if constexpr (Min) macc[n] = _mm256_add_ps(macc[n], _mm256_setr_ps(off * A[n].xsum[c], 0, 0, 0, 0, 0, 0, 0));
       }
@@ -468,7 +486,8 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
       const __m256i vp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + b * kChunk));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(scr.a.data() + n * K + b * kChunk), _mm256_abs_epi8(vp));
       // block sum of the quantized activations (exact in int32), in the block's scale
-      const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16);
+      const __m256i s32 = qwenrun::kVnni ? qwenrun::dot4_acc(_mm256_setzero_si256(), ones8, v)
+                                         : _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16);
       alignas(32) int32_t t[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(t), s32);
       const int32_t lo = t[0] + t[1] + t[2] + t[3], hi = t[4] + t[5] + t[6] + t[7];  // values 0-15, 16-31

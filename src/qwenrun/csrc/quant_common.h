@@ -42,6 +42,42 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even (finite values)
 }
 
 // ---- shared by the linear kernels (quant_kernels.cpp, gguf_kernels.cpp) ----
+
+// The integer dot product's code path, fixed at build time by qwenrun/quant/kernels.py from the
+// CPU's flags (QWENRUN_VNNI): 0 = AVX2 (maddubs -> int16 pairs, madd -> int32), 1 = AVX-512
+// VNNI on 256-bit vectors (AVX512VL vpdpbusd), 2 = AVX-VNNI (VEX vpdpbusd), 3 = the VNNI code
+// structure with vpdpbusd emulated exactly in AVX2 (tests only: it lets a CPU without VNNI run
+// the kernels' VNNI branches). Every path computes the same integers, so their outputs are
+// bit-identical (tests/test_kernel_isa.py).
+#ifndef QWENRUN_VNNI
+#define QWENRUN_VNNI 0
+#endif
+constexpr bool kVnni = QWENRUN_VNNI != 0;
+
+// acc (int32 lanes) += the sum of the 4 products u8(a) * s8(b) of each 4-byte lane (no
+// saturation: vpdpbusd's semantics).
+inline __m256i dot4_acc(__m256i acc, __m256i a, __m256i b) {
+#if QWENRUN_VNNI == 1
+  return _mm256_dpbusd_epi32(acc, a, b);
+#elif QWENRUN_VNNI == 2
+  return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else  // exact in AVX2: even and odd bytes widened to int16, each pair summed by madd
+  const __m256i lo8 = _mm256_set1_epi16(0x00FF);
+  const __m256i ae = _mm256_and_si256(a, lo8), ao = _mm256_srli_epi16(a, 8);
+  const __m256i be = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), bo = _mm256_srai_epi16(b, 8);
+  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(ae, be), _mm256_madd_epi16(ao, bo)));
+#endif
+}
+
+inline const char* isa_name() {
+  switch (QWENRUN_VNNI) {
+    case 1: return "avx512-vnni";
+    case 2: return "avx-vnni";
+    case 3: return "avx2 (vnni emulated)";
+    default: return "avx2";
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -50,8 +50,11 @@ inline float int8_row(const int8_t* w, const int8_t* xq, const uint8_t* xa, cons
     const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + b * kBlk8));
     const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + b * kBlk8 + 32));
     // |x| * (w * sign(x)) = x * w; pairs stay within int16 (2 * 127 * 127 < 32767).
-    const __m256i p0 = _mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), x0));
-    const __m256i p1 = _mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)), x1));
+    const __m256i s0 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), x0);
+    const __m256i s1 = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)), x1);
+    if constexpr (qwenrun::kVnni)  // the same integers in one vpdpbusd each
+      return _mm256_cvtepi32_ps(qwenrun::dot4_acc(qwenrun::dot4_acc(_mm256_setzero_si256(), a0, s0), a1, s1));
+    const __m256i p0 = _mm256_maddubs_epi16(a0, s0), p1 = _mm256_maddubs_epi16(a1, s1);
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones)));
   };
   int64_t b = 0;
@@ -217,6 +220,7 @@ torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::T
                                       int64_t window, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", []() { return std::string(qwenrun::isa_name()); }, "the integer dot product's code path this build took");
   m.def("int8kv_decode_attention", &int8kv_decode_attention, "decode attention over an int8 KV cache (AVX2)");
   m.def("int8_linear", &int8_linear, "int8 weight-only linear (AVX2)");
   m.def("int4_linear", &int4_linear, "int4 weight-only linear (AVX2)");

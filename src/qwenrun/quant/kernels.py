@@ -1,7 +1,7 @@
-"""Build, cache and load the AVX2 CPU kernels: quantized linears (``qwenrun/csrc/quant_*.cpp``)
+"""Build, cache and load the CPU kernels (AVX2, with VNNI dot products where the CPU has them): quantized linears (``qwenrun/csrc/quant_*.cpp``)
 and decode attention over an int8 KV cache (``kv_attention.cpp``).
 
-The extension is compiled once per (source hash, torch version, compiler flags) into a stable
+The extension is compiled once per (source hash, torch version, compiler flags incl. the ISA) into a stable
 cache directory — ``$QWENRUN_CACHE/kernels`` or ``~/.cache/qwenrun/kernels`` — and later
 processes only load the shared object (~10 ms; a cold build takes ~50 s and ~1.6 GB).
 ``python -m qwenrun.quant.kernels --build`` builds it ahead of time (``make setup`` does).
@@ -27,8 +27,20 @@ SOURCES = [_CSRC / "quant_kernels.cpp", _CSRC / "quant_pack.cpp", _CSRC / "gguf_
 HEADERS = [_CSRC / "quant_common.h"]  # not compiled on their own, but part of the build's identity
 # -ffp-contract=off: a * b - c stays two roundings (no fused multiply-add the compiler picks on its
 # own), so the dequantizers reproduce the reference values exactly.
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
+BASE_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 LDFLAGS = ["-fopenmp"]
+# The integer dot product's code path (quant_common.h's QWENRUN_VNNI), from the CPU's flags; the
+# flags that enable it join the build key, so a cache shared between machines keeps one build
+# per kind. QWENRUN_ISA caps it: "avx2" forces the AVX2 path on a VNNI CPU; "vnni-emulated"
+# builds the VNNI branches with vpdpbusd emulated in AVX2 (tests: it runs them on any AVX2 CPU).
+ISAS = {  # name -> (CPU flags it needs, extra compiler flags)
+    "avx-vnni": ({"avx_vnni"}, ["-mavxvnni", "-DQWENRUN_VNNI=2"]),
+    "avx512-vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DQWENRUN_VNNI=1"]),
+    "vnni-emulated": (set(), ["-DQWENRUN_VNNI=3"]),
+    "avx2": (set(), []),
+}
+_AUTO_ORDER = ("avx-vnni", "avx512-vnni", "avx2")  # VEX AVX-VNNI first: no AVX-512 code elsewhere
 _UNSET = object()
 _ops: object = _UNSET
 _error: str | None = None
@@ -38,17 +50,41 @@ def disabled_by_env() -> bool:
     return os.environ.get("QWENRUN_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def cpu_supported() -> bool:
-    """The kernels need AVX2 + FMA + F16C (x86-64 Haswell / Zen1 or newer)."""
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma", "f16c"} <= flags
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def cpu_supported() -> bool:
+    """The kernels need AVX2 + FMA + F16C (x86-64 Haswell / Zen1 or newer)."""
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
+
+
+def isa() -> str:
+    """The code path the build takes here: the widest the CPU has, or QWENRUN_ISA's choice.
+
+    A request the CPU can't run (e.g. QWENRUN_ISA=avx512-vnni on an AVX2-only CPU) is refused
+    with a ValueError rather than built into a binary that would die of SIGILL."""
+    want = os.environ.get("QWENRUN_ISA", "").strip().lower() or "auto"
+    flags = cpu_flags()
+    if want == "auto":
+        return next(name for name in _AUTO_ORDER if ISAS[name][0] <= flags)
+    if want not in ISAS:
+        raise ValueError(f"QWENRUN_ISA={want!r}: expected auto or one of {', '.join(ISAS)}")
+    missing = ISAS[want][0] - flags
+    if missing:
+        raise ValueError(f"QWENRUN_ISA={want}: this CPU lacks {', '.join(sorted(missing))}")
+    return want
+
+
+def cflags() -> list[str]:
+    return BASE_CFLAGS + ISAS[isa()][1]
 
 
 def cache_dir() -> Path:
@@ -61,7 +97,7 @@ def build_name() -> str:
     import torch
 
     h = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS))
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(CFLAGS)}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(cflags())}".encode())
     return f"qwenrun_quant_{h.hexdigest()[:16]}"
 
 
@@ -93,7 +129,7 @@ def _load(verbose: bool = False) -> ModuleType:
         warnings.simplefilter("ignore")
         # copies: load() appends to the flag lists, and a changed list in a second call would
         # bump the in-process version (name_v1), whose new command line makes ninja rebuild
-        return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=list(CFLAGS),
+        return cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=cflags(),
                                   extra_ldflags=list(LDFLAGS),
                                   build_directory=str(build_dir), verbose=verbose)
 
@@ -104,6 +140,7 @@ def ops() -> ModuleType | None:
     if disabled_by_env():
         return None
     if _ops is _UNSET:
+        isa()  # a bad QWENRUN_ISA is the user's error to see (ValueError), not a silent fallback
         if not cpu_supported():
             _ops, _error = None, "CPU lacks AVX2/FMA/F16C"
         else:
@@ -120,7 +157,7 @@ def describe() -> str:
     """Which code path the quantized linears take on this machine, in words."""
     if ops() is None:
         return f"PyTorch fallback ({unavailable_reason()})"
-    return "AVX2+FMA C++ kernels (int8, int4, GGUF blocks; " + " ".join(CFLAGS) + ")"
+    return f"C++ kernels, {isa()} dot products (int8, int4, GGUF blocks; " + " ".join(cflags()) + ")"
 
 
 def unavailable_reason() -> str | None:
@@ -146,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu_supported():
         print("qwenrun: this CPU lacks AVX2/FMA; quantized models will use the PyTorch path.")
         return 0
+    try:
+        path = isa()
+    except ValueError as e:
+        print(f"qwenrun: {e}")
+        return 2
     t0 = time.perf_counter()
     try:
         if _ops is _UNSET or _ops is None:  # not loaded in this process yet
@@ -155,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwenrun: kernel build failed ({type(e).__name__}: {msg[-1] if msg else ''}); "
               "quantized models will use the slower PyTorch path.")
         return 0
-    print(f"qwenrun: quantized kernels ready in {cache_dir() / build_name()} ({time.perf_counter() - t0:.1f} s)")
+    print(f"qwenrun: quantized kernels ({path}) ready in {cache_dir() / build_name()} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
