@@ -348,3 +348,45 @@ def test_concat_equals_separate_outputs(kind):
     for rows in (1, 3, 64):
         x = torch.randn(rows, 200)
         assert torch.equal(fused(x), torch.cat([m(x) for m in mods], dim=-1))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "gguf"])
+def test_cached_kernel_args_follow_every_change(kind):
+    """The per-call argument cache (``_QuantLinear._cached_args``) never serves stale tensors:
+    assigning a buffer or an attribute, registering one, or moving the module drops it; outputs
+    always equal a freshly built linear's."""
+    import copy
+
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.randn(40, 256, generator=g) * 0.05, torch.randn(40, generator=g)
+    if kind == "gguf":
+        import numpy as np
+        import gguf as gg
+
+        from qwenrun.quant.gguf_linear import GGUFLinear, pack
+
+        def make(bias):
+            raw = gg.quants.quantize(w.numpy().astype(np.float32), gg.GGMLQuantizationType.Q8_0)
+            return GGUFLinear(pack("Q8_0", raw, tuple(w.shape)), bias)
+    else:
+        cls = Int8Linear if kind == "int8" else Int4Linear
+
+        def make(bias):
+            return cls(w, bias)
+    x = torch.randn(1, 256, generator=g)
+    lin = make(b)
+    y0 = lin(x)
+    assert lin._kargs is not None or lin._ops is None  # the fast path filled the cache
+    b2 = torch.randn(40, generator=g)
+    lin.bias = b2.clone()  # assignment drops the cache
+    assert torch.equal(lin(x), make(b2)(x))
+    lin.register_buffer("bias", None)
+    assert torch.equal(lin(x), make(None)(x))
+    lin.bias = b.clone()
+    assert torch.equal(lin(x), y0)
+    moved = copy.deepcopy(lin)
+    assert torch.equal(moved(x), y0)
+    moved._apply(lambda t: t.clone())  # what .to() / .cpu() do: new tensors; the cache must follow
+    moved.bias.add_(1.0)
+    assert torch.allclose(moved(x) - y0, torch.ones(1, 40), atol=1e-5) and torch.equal(lin(x), y0)
+    assert "_kargs" not in lin.__getstate__()

@@ -10,8 +10,7 @@
 //   decode_attention_(qkv, kv, ...)      one query token per sequence over its cached context
 //                                        (fp32 or bf16 cache read in place, no gather, GQA)
 //
-// Registered with TORCH_LIBRARY (torch.ops.<extension name>.*, see the end of this file): the
-// extension's pybind module belongs to quant_kernels.cpp, and a library needs no edit there.
+// Bound as the extension's `fused` submodule (def_fused_ops at the end of this file).
 //
 // Rounding: elementwise ops round where PyTorch's separate ops round (fp-contract off: no FMA
 // fusing a multiply into the following add), so residual adds and RoPE are bit-identical to the
@@ -464,20 +463,25 @@ torch::Tensor decode_step_attention(torch::Tensor qkv, torch::Tensor rope, torch
 
 }  // namespace
 
-// The op namespace is the extension's own name (qwenrun_quant_<hash>): two builds of the library
-// (another source hash, a narrower ISA variant) can then be loaded in one process side by side,
-// where a fixed namespace would make the second registration fail at load time.
-#define QWENRUN_FUSED_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-QWENRUN_FUSED_LIBRARY(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
-  m.def("add_rms_norm_(Tensor(a!) h, Tensor r, Tensor w, float eps) -> Tensor", &add_rms_norm_);
-  m.def("silu_mul(Tensor gu) -> Tensor", &silu_mul);
-  m.def("silu_mul2(Tensor g, Tensor u) -> Tensor", &silu_mul2);
-  m.def("rope_store_(Tensor(a!) qkv, Tensor rope, Tensor positions, int heads, int kv_heads, Tensor(b!)? kv, "
-        "int layer, Tensor? slot_mapping) -> ()", &rope_store_);
-  m.def("decode_attention_(Tensor qkv, Tensor kv, int layer, Tensor slots, int slot_start, Tensor lens, int row0, "
-        "int heads, int kv_heads, int window, float scale, Tensor(a!) out) -> ()", &decode_attention_);
-  m.def("decode_step_attention(Tensor(a!) qkv, Tensor rope, Tensor positions, Tensor(b!) kv, int layer, "
-        "Tensor slot_mapping, Tensor slots, int slot_start, Tensor lens, int heads, int kv_heads, int window, "
-        "float scale) -> Tensor", &decode_step_attention);
+// Bound with pybind11 as the submodule `fused` of the extension (quant_kernels.cpp's module calls
+// def_fused_ops). They were TORCH_LIBRARY ops before: the boxed dispatcher's call from Python
+// (schema parsing of the arguments, an IValue stack) cost ~10 us more per call than a pybind
+// call, ~1 ms a token over the demo's 96 fused calls.
+namespace qwenrun {
+void def_fused_ops(pybind11::module_& ext) {
+  namespace py = pybind11;
+  auto m = ext.def_submodule("fused", "fused decode-step ops (csrc/fused_ops.cpp)");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("w"), py::arg("eps"));
+  m.def("add_rms_norm_", &add_rms_norm_, py::arg("h"), py::arg("r"), py::arg("w"), py::arg("eps"));
+  m.def("silu_mul", &silu_mul, py::arg("gu"));
+  m.def("silu_mul2", &silu_mul2, py::arg("g"), py::arg("u"));
+  m.def("rope_store_", &rope_store_, py::arg("qkv"), py::arg("rope"), py::arg("positions"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("kv"), py::arg("layer"), py::arg("slot_mapping"));
+  m.def("decode_attention_", &decode_attention_, py::arg("qkv"), py::arg("kv"), py::arg("layer"), py::arg("slots"),
+        py::arg("slot_start"), py::arg("lens"), py::arg("row0"), py::arg("heads"), py::arg("kv_heads"),
+        py::arg("window"), py::arg("scale"), py::arg("out"));
+  m.def("decode_step_attention", &decode_step_attention, py::arg("qkv"), py::arg("rope"), py::arg("positions"),
+        py::arg("kv"), py::arg("layer"), py::arg("slot_mapping"), py::arg("slots"), py::arg("slot_start"),
+        py::arg("lens"), py::arg("heads"), py::arg("kv_heads"), py::arg("window"), py::arg("scale"));
 }
+}  // namespace qwenrun

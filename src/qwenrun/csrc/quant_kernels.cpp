@@ -219,7 +219,12 @@ torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::T
                                       torch::Tensor vs, torch::Tensor slots, torch::Tensor lens,
                                       int64_t window, double scale);
 
+namespace qwenrun {
+void def_fused_ops(pybind11::module_& m);  // fused_ops.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  qwenrun::def_fused_ops(m);
   m.def("isa", []() { return std::string(qwenrun::isa_name()); }, "the integer dot product's code path this build took");
   m.def("int8kv_decode_attention", &int8kv_decode_attention, "decode attention over an int8 KV cache (AVX2)");
   m.def("int8_linear", &int8_linear, "int8 weight-only linear (AVX2)");

@@ -2,7 +2,7 @@
 linears — RMSNorm with the residual add, RoPE + KV-cache write + decode attention, SiLU·mul — in
 four calls per layer instead of ~25 PyTorch dispatches.
 
-``ops()`` returns the op namespace (``torch.ops.<kernel extension name>``) or ``None``; with ``None`` the
+``ops()`` returns the ops (the extension's ``fused`` submodule) or ``None``; with ``None`` the
 model runs its plain PyTorch path, which is also what the equivalence tests compare against.
 The fused ops are off when the kernels are (``QWENRUN_NO_KERNELS=1``, no AVX2, no compiler), with
 ``QWENRUN_NO_FUSED=1``, inside ``disabled()``, and for tensors that are not on the CPU (checked
@@ -33,13 +33,7 @@ def ops():
 
         _ops = None
         ext = kernels.ops()
-        if ext is not None:  # loading the extension registered its ops under its own name
-            try:
-                ns = getattr(torch.ops, ext.__name__)
-                ns.rms_norm  # noqa: B018 - raises when a build without fused_ops.cpp is loaded
-                _ops = ns
-            except (AttributeError, RuntimeError):
-                _ops = None
+        _ops = getattr(ext, "fused", None)  # pybind submodule (no boxed-dispatcher cost per call)
     return _ops  # type: ignore[return-value]
 
 

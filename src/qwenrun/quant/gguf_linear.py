@@ -417,9 +417,11 @@ class GGUFLinear(_QuantLinear):
     def dequantize(self, r0: int = 0, r1: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.block_weight, r0, r1, dtype)
 
+    def _kernel_args(self) -> tuple:
+        return (self.q, self.qh, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.bits, self.zp, self.bias)
+
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
-        return k.bq_linear(x, self.q, self.qh, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.bits,
-                           self.zp, self.bias)
+        return k.bq_linear(x, *self._cached_args())
 
     def _kernel_dequant(self, k, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return k.bq_dequant(self.q, self.qh, self.d, self.sc, self.dm, self.mn, self.G, self.S, self.bits,

@@ -192,6 +192,36 @@ class _QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._ops = kernels.ops()  # resolved once: the per-call path must stay cheap (~170 calls/token)
 
+    # The kernel's arguments after x, cached: each buffer read through nn.Module.__getattr__ costs
+    # ~1 us, 4-7 of them a call, ~100-170 calls a token. Any attribute or buffer assignment and
+    # any move (.to, .float, ...) drops the cache; in-place copies (load_state_dict) keep the same
+    # tensors and need no drop.
+    _kargs: tuple | None = None
+
+    def _kernel_args(self) -> tuple:  # per format: the buffers and geometry, bias last
+        raise NotImplementedError
+
+    def _cached_args(self) -> tuple:
+        a = self._kargs
+        if a is None:
+            a = self.__dict__["_kargs"] = self._kernel_args()
+        return a
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__["_kargs"] = None
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        self.__dict__["_kargs"] = None
+        super().register_buffer(name, tensor, persistent)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__["_kargs"] = None
+        return super()._apply(fn, recurse)
+
+    def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     @property
     def use_kernel(self) -> bool:
         return self._ops is not None
@@ -204,6 +234,7 @@ class _QuantLinear(nn.Module):
     def __getstate__(self) -> dict:  # copy / pickle: the extension module itself can't be
         state = dict(self.__dict__)
         state["_ops"] = state["_ops"] is not None
+        state.pop("_kargs", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -238,7 +269,7 @@ class _QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self._ops
-        if k is not None and x.device.type == "cpu":
+        if k is not None and x.is_cpu:
             bf16 = x.dtype == torch.bfloat16
             limit = self.max_kernel_rows_bf16 if bf16 else self.max_kernel_rows
             if x.dim() == 2 and x.shape[0] <= limit and (bf16 or x.dtype == torch.float32) and x.is_contiguous():
@@ -288,8 +319,11 @@ class Int8Linear(_QuantLinear):
     def dequantize(self, r0: int = 0, r1: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale, self.in_features, r0, r1, dtype)
 
+    def _kernel_args(self) -> tuple:
+        return (self.qweight, self.scale, self.bias)
+
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
-        return k.int8_linear(x, self.qweight, self.scale, self.bias)
+        return k.int8_linear(x, *self._cached_args())
 
     def _kernel_dequant(self, k, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return k.int8_dequant(self.qweight, self.scale, r0, r1, self.in_features,
@@ -311,8 +345,11 @@ class Int4Linear(_QuantLinear):
     def dequantize(self, r0: int = 0, r1: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.sub, self.d, self.in_features, r0, r1, dtype)
 
+    def _kernel_args(self) -> tuple:
+        return (self.qweight, self.sub, self.d, self.bias)
+
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
-        return k.int4_linear(x, self.qweight, self.sub, self.d, self.bias)
+        return k.int4_linear(x, *self._cached_args())
 
     def _kernel_dequant(self, k, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return k.int4_dequant(self.qweight, self.sub, self.d, r0, r1, self.in_features,
