@@ -128,8 +128,8 @@ def _slots(table, start, end, block=4):
 
 @needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,d", [(14, 2, 64), (3, 3, 128), (6, 2, 128)])
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads,kv_heads,d", [(14, 2, 64), (3, 3, 128), (6, 2, 128), (4, 2, 20)])
+@pytest.mark.parametrize("window", [None, 5, 17])  # d = 20: the unblocked loops; 17 keys: 2 blocks of 8 + 1
 def test_decode_attention_matches_plain(dtype, heads, kv_heads, d, window):
     """Decodes of different lengths over a scattered cache (and a prefill span in the same batch)."""
     ctx = [0, 6, 33]  # cached tokens before each decode's new token
@@ -292,32 +292,56 @@ def test_tiny_model_fused_vs_plain(tmp_path, dtype, bound, cfg):
 @needs_ops
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_tiny_engine_greedy_identical(tiny_dir, quantization):
-    """Through LLM.generate (runner, scheduler, sampler): the same greedy tokens, batch of 3."""
+    """Through LLM.generate (runner, scheduler, sampler): the same greedy tokens, batch of 3
+    (quantized: apart only at a near tie)."""
     llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=0.05, block_size=4, quantization=quantization)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(PROMPT), tok.encode("Hello world!"), tok.encode(PROMPT[::-1])]
-    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+    # no penalties (the greedy pick is then the top raw logprob, whose margin is checked below)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, repetition_penalty=1.0)
+    got = [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
     # the second run must not start from the first one's prefix cache (a shorter prefill takes
     # the quantized linears' kernel path, whose activation rounding differs from the tiled one)
     llm.engine.block_manager.reset_prefix_cache()
     with fused.disabled():
-        ref = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
-    assert got == ref
+        ref = [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+    for g, r in zip(got, ref):
+        _same_greedy_tokens(g, r, exact=quantization is None, tie=TIE[quantization])
+
+
+# Near-tie margins for quantized runs: the kernels round activations to int8, which turns the
+# fused ops' ulp-level reassociation (attention sums, norms) into logprob changes of up to ~0.03
+# nats with int8 weights and ~0.15 with int4 (measured on the demo: e.g. -4.09 vs -4.01 for the
+# second choice after the same prefill, in the old and the new attention kernel alike).
+TIE = {None: 0.0, "int8": 0.1, "int4": 0.3}
+
+
+def _same_greedy_tokens(got, ref, exact: bool, tie: float = TIE["int8"]) -> None:
+    """Dense: identical tokens. Quantized: the sequences may part ways at a near tie of the
+    reference (its top two logprobs within ``tie`` nats, see TIE), and only there. Needs
+    logprobs=2 and no penalties (greedy = top logprob)."""
+    i = next((i for i, (a, b) in enumerate(zip(got.token_ids, ref.token_ids)) if a != b), None)
+    if i is None:
+        return
+    assert not exact, (i, got.token_ids, ref.token_ids)
+    top = sorted((lp.logprob if hasattr(lp, "logprob") else lp for lp in ref.logprobs[i].values()), reverse=True)
+    assert top[0] - top[1] < tie, (i, got.token_ids[i], ref.token_ids[i], ref.logprobs[i])
 
 
 @needs_ops
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_demo_greedy_identical(quantization):
-    """The demo model (Qwen2.5-Coder-0.5B): 24 greedy tokens with fused ops on and off."""
+    """The demo model (Qwen2.5-Coder-0.5B): 24 greedy tokens with fused ops on and off (apart
+    only at a near tie: with int4 they part at token 9, where the plain path's top two are 0.008
+    nats apart)."""
     llm = LLM("demo", quantization=quantization, kv_cache_memory=0.25, max_model_len=512)
     prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
-    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2, repetition_penalty=1.0)
     got = llm.generate([prompt], sp)[0].outputs[0]
     llm.engine.block_manager.reset_prefix_cache()  # the same prefill both times
     with fused.disabled():
         ref = llm.generate([prompt], sp)[0].outputs[0]
-    assert got.token_ids == ref.token_ids, (got.text, ref.text)
+    _same_greedy_tokens(got, ref, exact=False, tie=TIE[quantization])
 
 
 # -- fallbacks --------------------------------------------------------------------------------------
@@ -360,3 +384,30 @@ def test_greedy_fast_path_equals_full_sampler():
     full = s(logits, plain[:3] + [_Seq(SP(temperature=0, logprobs=0))]).token_ids
     assert fast == full and fast[1] == 10 and fast[2] != 45
     assert fast == logits[:, :40].argmax(-1).tolist()
+
+
+@needs_ops
+def test_argmax_rows_equals_torch_argmax():
+    """The greedy sampler's argmax op: first index of the maximum, NaN counted as the maximum,
+    any length (vector body + tail), a prefix of the columns, a strided row view."""
+    g = torch.Generator().manual_seed(3)
+    for V in (1, 7, 8, 9, 64, 1001, 151936):
+        x = torch.randn(3, V, generator=g)
+        for n in sorted({1, max(1, V // 2), V}):
+            assert OPS.argmax_rows(x, n) == x[:, :n].argmax(-1).tolist(), (V, n)
+    x = torch.randn(6, 100, generator=g)
+    x[0, 17] = x[0, 60] = 9.0               # a tie across vector blocks
+    x[1, 3] = x[1, 5] = 9.0                 # a tie inside one block
+    x[2] = float("-inf")                    # all -inf: index 0
+    x[3, 40], x[3, 90] = float("nan"), float("inf")  # NaN wins, as in torch
+    x[4, 97], x[4, 98] = float("nan"), float("nan")  # first NaN, in the scalar tail
+    x[5] = 0.0
+    x[5, 7] = -0.0                          # -0.0 == 0.0: the first zero
+    assert OPS.argmax_rows(x, 100) == x.argmax(-1).tolist()
+    wide = torch.randn(4, 300, generator=g)
+    view = wide[:, 50:250]                  # row stride 300
+    assert OPS.argmax_rows(view, 200) == view.argmax(-1).tolist()
+    with pytest.raises(RuntimeError, match="n must be in"):
+        OPS.argmax_rows(x, 0)
+    with pytest.raises(RuntimeError, match="fp32"):
+        OPS.argmax_rows(x.double(), 5)

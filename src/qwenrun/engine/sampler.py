@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers import fused
 from .sequence import Sequence
 from .structured import apply_masks
 
@@ -28,6 +29,16 @@ _CANDIDATE_WINDOW = 1024
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]  # per row, sampled token + top-k, or None
+
+
+def argmax_ids(logits: torch.Tensor, n: int | None = None) -> list[int]:
+    """torch.argmax over the first n columns of each row, as a list (the fused C++ op on CPU:
+    ~30 us per 151,936 logits where PyTorch's argmax takes ~300 us on one core)."""
+    n = logits.shape[1] if n is None else n
+    ops = fused.usable(logits)
+    if ops is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1 and n > 0:
+        return ops.argmax_rows(logits, n)
+    return logits[:, :n].argmax(dim=-1).tolist()
 
 
 def _needs_counts(p) -> bool:
@@ -53,8 +64,7 @@ class Sampler:
         params = [s.params for s in seqs]
         if all(_plain_greedy(s, p) for s, p in zip(seqs, params)):
             # greedy with nothing to apply: argmax over the valid ids, no copy of the logits
-            valid = logits if self.valid_vocab is None else logits[:, :self.valid_vocab]
-            return SampleResult(valid.argmax(dim=-1).tolist(), [None] * B)
+            return SampleResult(argmax_ids(logits, self.valid_vocab), [None] * B)
         want_lp = [p.logprobs is not None for p in params]
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         logits = logits.clone()
@@ -76,7 +86,7 @@ class Sampler:
         if constrained:
             self._apply_grammars(logits, seqs, constrained)
 
-        out = logits.argmax(dim=-1)
+        out = torch.tensor(argmax_ids(logits), dtype=torch.long) if logits.is_cpu else logits.argmax(dim=-1)
         rows = [r for r, p in enumerate(params) if p.temperature != 0]
         if rows:
             out[rows] = self._sample_rows(logits[rows], [seqs[r] for r in rows])
