@@ -22,7 +22,7 @@ from test_quant import rel, simulate_kernel
 OPS = kernels.ops()
 # (O, K) pairs: odd row counts; K a multiple of each format's block (K-quants: 256); 96 keeps a
 # 4-bit format in int8 storage (not a multiple of 64); 896 and 960 end with a half group (+ a plain rest).
-SHAPES = {"Q8_0": [(7, 96), (33, 2560), (5, 960)], "Q5_0": [(5, 896), (33, 64)], "Q5_1": [(3, 320)],
+SHAPES = {"Q8_0": [(7, 96), (33, 2560), (5, 960)], "Q5_0": [(5, 896), (33, 64), (3, 960)], "Q5_1": [(3, 320)],
           "Q4_0": [(9, 96), (17, 896)], "Q4_1": [(3, 96), (5, 2560)], "Q4_K": [(7, 256), (33, 2560)],
           "Q5_K": [(5, 512)], "Q6_K": [(9, 256), (17, 4864)]}
 
@@ -87,7 +87,8 @@ def test_weights_equal_gguf_dequantization_exactly(qtype, O, K):
 
 @pytest.mark.parametrize("qtype,O,K", CASES)
 def test_cpp_repacking_equals_the_torch_repacking(qtype, O, K):
-    """The load-time C++ repackers (Q8_0, Q4_K, Q6_K) give exactly the torch path's bytes."""
+    """The load-time C++ repackers (Q8_0, Q4_K, Q5_0/Q5_1, Q6_K) give exactly the torch path's bytes
+    (the 5-bit shapes cover full groups, a half group and a plain rest: 896, 960, 320, 64)."""
     raw = gguf_blocks(qtype, O, K, seed=5)
     a, b = pack(qtype, raw, (O, K)), pack(qtype, raw, (O, K), use_kernels=False)
     for name, t in a.buffers().items():

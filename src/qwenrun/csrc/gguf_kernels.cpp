@@ -700,3 +700,60 @@ std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src) {
   });
   return {q, qh, tail};
 }
+
+// Q5_0 / Q5_1 blocks [O, nb, 22 or 24] (fp16 d, [fp16 m,] 32-bit high-bit word, 16 nibble bytes)
+// -> (q nibbles [O, K/2], qh plane [O, Plane5 bytes], heads [O, nb * (2 or 4)]): the 5-bit
+// storage of gguf_linear._store in the interleaved order, from one pass over the mapped blocks
+// (the torch path builds a [O, K] value tensor, permutes it, and packs it in separate passes).
+// K % 64 == 0 (other rows keep int8 storage, on the torch path).
+std::vector<torch::Tensor> bq_pack_q5(const torch::Tensor& src, int64_t head) {
+  TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1 && (head == 2 || head == 4) &&
+                  src.size(2) == head + 20, "src must be Q5_0 / Q5_1 blocks [O, nb, 22 / 24]");
+  const int64_t O = src.size(0), nb = src.size(1), K = nb * 32;
+  TORCH_CHECK(K % 64 == 0, "5-bit storage needs rows of a multiple of 64 weights");
+  const Plane5 pl(K);
+  auto q = torch::empty({O, K / 2}, torch::kUInt8), qh = torch::empty({O, pl.bytes(K)}, torch::kUInt8);
+  auto heads = torch::empty({O, nb * head}, torch::kUInt8);
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr());
+  uint8_t *pq = q.data_ptr<uint8_t>(), *ph = qh.data_ptr<uint8_t>(), *pd = heads.data_ptr<uint8_t>();
+  const int64_t so = src.stride(0), sb = src.stride(1), ng = K / 256, nh = (K % 256) >= 128, ldh = pl.bytes(K);
+  at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, K)), [&](int64_t o0, int64_t o1) {
+    std::vector<uint8_t> v(K), st(K);
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t b = 0; b < nb; ++b) {  // values in weight order (gguf: byte j low nibble = j, high = 16 + j)
+        const uint8_t* blk = s + o * so + b * sb;
+        std::memcpy(pd + (o * nb + b) * head, blk, head);
+        uint32_t hw;
+        std::memcpy(&hw, blk + head, 4);
+        const uint8_t* qs = blk + head + 4;
+        uint8_t* vb = v.data() + 32 * b;
+        for (int j = 0; j < 16; ++j) {
+          vb[j] = static_cast<uint8_t>((qs[j] & 15) | (((hw >> j) & 1) << 4));
+          vb[16 + j] = static_cast<uint8_t>((qs[j] >> 4) | (((hw >> (16 + j)) & 1) << 4));
+        }
+      }
+      permute_words(reinterpret_cast<const int8_t*>(v.data()), reinterpret_cast<int8_t*>(st.data()), K, 32, false);
+      uint8_t* oq = pq + o * (K / 2);
+      for (int64_t c = 0; c < K / 64; ++c)  // nibbles per 64 stored values: low i, high 32 + i
+        for (int i = 0; i < 32; ++i) oq[32 * c + i] = (st[64 * c + i] & 15) | ((st[64 * c + 32 + i] & 15) << 4);
+      uint8_t* oh = ph + o * ldh;
+      auto plane = [&](int64_t v0, int units, uint8_t* dst) {  // bit u of byte p = stored value v0 + 32 u + p
+        for (int p = 0; p < 32; ++p) {
+          uint8_t byte = 0;
+          for (int u = 0; u < units; ++u) byte |= ((st[v0 + 32 * u + p] >> 4) & 1) << u;
+          dst[p] = byte;
+        }
+      };
+      for (int64_t g = 0; g < ng; ++g) plane(256 * g, 8, oh + 32 * g);
+      if (nh) plane(256 * ng, 4, oh + 32 * ng);
+      uint8_t* rest = oh + pl.rest_at;  // then per 8 stored values a byte, bit i = value i
+      for (int64_t m = 256 * ng + 128 * nh, k = 0; m < K; m += 8, ++k) {
+        uint8_t byte = 0;
+        for (int i = 0; i < 8; ++i) byte |= ((st[m + i] >> 4) & 1) << i;
+        rest[k] = byte;
+      }
+    }
+  });
+  return {q, qh, heads};
+}
+

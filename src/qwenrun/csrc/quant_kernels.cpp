@@ -213,6 +213,7 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
 std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
                                             const c10::optional<torch::Tensor>& table_half, int64_t head);
 std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src);
+std::vector<torch::Tensor> bq_pack_q5(const torch::Tensor& src, int64_t head);
 
 // kv_attention.cpp
 torch::Tensor int8kv_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor ks,
@@ -235,6 +236,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bq_dequant", &bq_dequant, "GGUF block-quantized rows -> fp32/bf16, exactly gguf's values");
   m.def("bq_permute_words", &bq_permute_words, "GGUF blocks -> the kernels' interleaved word order (load time)");
   m.def("bq_pack_q6k", &bq_pack_q6k, "Q6_K blocks -> the kernels' 6-bit storage (load time)");
+  m.def("bq_pack_q5", &bq_pack_q5, "Q5_0 / Q5_1 blocks -> the kernels' 5-bit storage (load time)");
   m.def("quantize_int8", &quantize_int8, "fp32 [O, K] -> int8 format");
   m.def("quantize_int4", &quantize_int4, "fp32 [O, K] -> int4 format");
 }

@@ -233,8 +233,8 @@ def _bytes(raw) -> torch.Tensor:
 
 
 def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool = True) -> BlockWeight:
-    """Raw GGUF tensor bytes of ``qtype`` for an [O, K] weight → BlockWeight (lossless). Q8_0, Q4_K
-    and Q6_K go through the C++ repackers when the kernels are built (``use_kernels``), else
+    """Raw GGUF tensor bytes of ``qtype`` for an [O, K] weight → BlockWeight (lossless). Q8_0, Q4_K,
+    Q5_0/Q5_1 (rows of a multiple of 64) and Q6_K go through the C++ repackers when the kernels are built (``use_kernels``), else
     (and for the other formats) through torch ops giving the same bytes."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -258,16 +258,21 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
             q, _ = _store(b[..., 2:].contiguous().view(i8).view(O, K), 8, 32)
     elif qtype in ("Q5_0", "Q5_1"):
         off = 2 if qtype == "Q5_0" else 4
+        if K % 64 == 0 and ops is not None:  # one pass: values unpacked, permuted, planed; heads split off
+            q, qh, head = ops.bq_pack_q5(b, off)
+            b = head.view(O, nb, off)
         d = _f16(b[..., 0:2])
-        lo = _nibbles_32(b[..., off + 4:])  # 0..15
-        v = lo | (_q5_high(b[..., off:off + 4]) << 4)  # 0..31
         if K % 64 == 0:  # nibbles + a high-bit plane
-            (q, qh), bits = _store(v.reshape(O, K), 5, 32), 5
+            if ops is None:
+                v = _nibbles_32(b[..., off + 4:]) | (_q5_high(b[..., off:off + 4]) << 4)  # 0..31
+                q, qh = _store(v.reshape(O, K), 5, 32)
+            bits = 5
             if qtype == "Q5_0":
                 dm, mn = d, torch.full((O, nb), 16, dtype=i8)  # d * u - d * 16 == d * (u - 16) exactly
             else:
                 dm, mn = -_f16(b[..., 2:4]), torch.ones(O, nb, dtype=i8)
         else:
+            v = _nibbles_32(b[..., off + 4:]) | (_q5_high(b[..., off:off + 4]) << 4)  # 0..31
             if qtype == "Q5_0":
                 q, _ = _store((v.to(i8) - 16).view(O, K), 8, 32)
             else:
