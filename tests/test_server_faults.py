@@ -204,10 +204,15 @@ def test_schemathesis_finds_no_server_errors(plain, tmp_path):
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     assert exe, "schemathesis is a dev dependency"
     cmd = [exe, "run", plain.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
-           "--request-timeout", "60", "--seed", "1", "--workers", "2", "--suppress-health-check", "all",
+           "--request-timeout", "60", "--seed", "1", "--suppress-health-check", "all",
            "--report", "junit", "--report-dir", str(tmp_path)]
+    # One worker: with two, schemathesis 4.32's case generation races on a Hypothesis cache shared
+    # between threads (KeyError in AST_LAMBDAS_CACHE -> FlakyFailure reported as an "error" before any
+    # request is sent), about one run in three here. The server's concurrency is tested elsewhere.
+    cmd += ["--workers", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays there
-    assert r.returncode == 0, (r.stdout[-6000:], r.stderr[-2000:])
+    print(r.stdout, r.stderr, sep="\n")  # shown in full under "Captured stdout" when this fails
+    assert r.returncode == 0, "schemathesis failed: its report is in the captured stdout above"
     assert "Server error" not in r.stdout
     assert httpx.get(plain.url + "/health", timeout=10).status_code == 200
     plain.wait_idle()
@@ -299,8 +304,14 @@ def test_engine_that_cannot_continue_turns_health_503_and_exits_nonzero(tiny_ckp
     srv = _faulty(tiny_ckpt, tmp_path, "forever")
     try:
         codes = []
-        for prompt in ([7, 7, 7, 7], [1, 2], [3, 4], [5, 6]):
-            r = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 4})
+        for i, prompt in enumerate(([7, 7, 7, 7], [1, 2], [3, 4], [5, 6])):
+            try:
+                r = _post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 4})
+            except httpx.TransportError:
+                # The process may exit between the last answer and this request (a fast CPU gets
+                # there first): a refused connection after the first 500 is the same truth as a 503.
+                assert i > 0, "the server was gone before the first request"
+                break
             codes.append(r.status_code)
             if r.status_code == 503 or srv.proc.poll() is not None:
                 break
