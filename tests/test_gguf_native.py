@@ -286,3 +286,16 @@ def test_auto_keeps_safetensors_dense_and_other_formats_only_when_asked(tiny_dir
     assert EngineConfig(model="x", quantization="none").quantization is None
     with pytest.raises(ValueError, match="auto"):
         EngineConfig(model="x", quantization="q4_k")
+
+
+def test_gguf_auto_keeps_fp32_activations_where_bf16_is_native(monkeypatch, demo_path):
+    """On an AMX / AVX512-BF16 CPU int8/int4 get bf16 activations, but a GGUF at its own precision
+    stays fp32 (bf16 GEMM tiles would round the file's dequantized weights a second time)."""
+    import qwenrun.loader as loader
+    from qwenrun.loader.gguf import read_gguf
+
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    cfg, cpu = read_gguf(demo_path).config, torch.device("cpu")
+    assert loader.pick_dtype("auto", cpu, cfg, "gguf") == torch.float32
+    assert loader.pick_dtype("auto", cpu, cfg, "int8") == torch.bfloat16
+    assert loader.pick_dtype("bfloat16", cpu, cfg, "gguf") == torch.bfloat16

@@ -204,12 +204,11 @@ def test_schemathesis_finds_no_server_errors(plain, tmp_path):
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     assert exe, "schemathesis is a dev dependency"
     cmd = [exe, "run", plain.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
-           "--request-timeout", "60", "--seed", "1", "--suppress-health-check", "all",
+           "--request-timeout", "60", "--seed", "1", "--workers", "1", "--suppress-health-check", "all",
            "--report", "junit", "--report-dir", str(tmp_path)]
     # One worker: with two, schemathesis 4.32's case generation races on a Hypothesis cache shared
     # between threads (KeyError in AST_LAMBDAS_CACHE -> FlakyFailure reported as an "error" before any
     # request is sent), about one run in three here. The server's concurrency is tested elsewhere.
-    cmd += ["--workers", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its cache stays there
     print(r.stdout, r.stderr, sep="\n")  # shown in full under "Captured stdout" when this fails
     assert r.returncode == 0, "schemathesis failed: its report is in the captured stdout above"
