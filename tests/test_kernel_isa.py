@@ -84,7 +84,10 @@ AVX512_VNNI = FLAGS_AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "a
 @pytest.mark.parametrize("flags,env,want", [
     (FLAGS_AVX2, "", "avx2"),                                   # Zen 1-3, Haswell-Skylake client
     (AVX512_VNNI, "", "avx512-vnni"),                           # Cascade Lake, Ice Lake, Zen 4
-    (AVX512_VNNI | {"avx_vnni"}, "", "avx-vnni"),               # Sapphire Rapids, Zen 5
+    (AVX512_VNNI | {"avx_vnni"}, "", "avx-vnni"),               # Zen 5 (no AMX)
+    (AVX512_VNNI | {"avx_vnni", "amx_int8"}, "", "amx"),        # Sapphire Rapids and later
+    (AVX512_VNNI | {"avx_vnni", "amx_int8"}, "avx-vnni", "avx-vnni"),
+    (AVX512_VNNI | {"amx_int8"}, "amx", "amx"),
     (FLAGS_AVX2 | {"avx_vnni"}, "auto", "avx-vnni"),            # Alder Lake (no AVX-512)
     (AVX512_VNNI | {"avx_vnni"}, "avx2", "avx2"),               # capped by the user
     (AVX512_VNNI | {"avx_vnni"}, "AVX512-VNNI", "avx512-vnni"),
@@ -98,12 +101,12 @@ def test_isa_follows_the_cpu_flags_and_the_cap(monkeypatch, flags, env, want):
 
 
 def test_isa_build_key_and_bad_requests(monkeypatch):
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: set(AVX512_VNNI))
     names = set()
-    for isa in ("avx2", "avx512-vnni", "vnni-emulated"):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: set(AVX512_VNNI) | {"amx_int8"})
+    for isa in ("avx2", "avx512-vnni", "vnni-emulated", "amx"):
         monkeypatch.setenv("QWENRUN_ISA", isa)
         names.add(kernels.build_name())
-    assert len(names) == 3  # one cached build per path: a shared cache never mixes them
+    assert len(names) == 4  # one cached build per path: a shared cache never mixes them
     monkeypatch.setattr(kernels, "cpu_flags", lambda: set(FLAGS_AVX2))
     monkeypatch.setenv("QWENRUN_ISA", "avx512-vnni")
     with pytest.raises(ValueError, match="lacks avx512_vnni, avx512bw, avx512f, avx512vl"):

@@ -26,6 +26,8 @@
 // sum_k x_k * dm * mn (from the quantized activations' block sums) are computed 8 chunks at a
 // time in vector registers, so the inner loop per 32 weights is unpack, one integer dot product,
 // one convert and one FMA. Up to 4 activation rows share each unpacked weight chunk.
+// Many activation rows (prefill, big batches) on a CPU with AMX-INT8 go through tiles instead
+// (bq_linear_tiles below): the same integers and scales, 16 x 16 x 32 products per instruction.
 // One caveat, as in ggml: the sign trick (|x| * sign(w, x)) cannot represent w = -128, which
 // llama.cpp's Q8_0 quantizer never writes; the Python side routes a tensor holding it to the
 // (exact, slower) dequantize-and-multiply path.
@@ -36,6 +38,11 @@
 #include <vector>
 
 #include "quant_common.h"
+
+#if defined(QWENRUN_AMX) && QWENRUN_AMX == 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -444,6 +451,272 @@ Weight make_weight(const torch::Tensor& q, const c10::optional<torch::Tensor>& q
   return W;
 }
 
+// The integers (u - zp) of row o in the stored (interleaved) order, K bytes: exact.
+inline void stored_ints(const Weight& W, int64_t o, int8_t* stored) {
+  const uint8_t* w = W.q + o * W.ldq;
+  const uint8_t* h = W.qh ? W.qh + o * W.ldh : nullptr;
+  for (int64_t b = 0; b < W.nb; ++b) {  // the row's integers u - zp (exact), stored order
+    __m256i qv;
+    switch (W.bits) {
+      case 4: qv = load_chunk<4, 0>(w, h, b); break;
+      case 5: {  // nibbles + bit 4 from the group's plane (or the rest's word)
+        const Plane5 pl(W.K);
+        if (b < pl.group_chunks) {
+          const int64_t gi = b / 8, bit = b % 8;  // (a half group is group K / 256, bits 0-3)
+          alignas(32) uint8_t plane[32], vb[32];
+          std::memcpy(plane, h + 32 * gi, 32);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(vb), load_chunk<4, 0>(w, h, b));
+          for (int i = 0; i < 32; ++i) vb[i] |= ((plane[i] >> bit) & 1) << 4;
+          qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(vb));
+        } else {
+          qv = load_chunk<5, 0>(w, pl.rest_words(h), b);
+        }
+        break;
+      }
+      case 6: qv = load_chunk<6, 0>(w, h, b); break;
+      default: qv = load_chunk<8, 0>(w, h, b); break;
+    }
+    if (W.zp) qv = _mm256_sub_epi8(qv, _mm256_set1_epi8(static_cast<char>(W.zp)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(stored + b * kChunk), qv);
+  }
+}
+
+// ---- Many rows on AMX tiles ----
+// QWENRUN_AMX (quant/kernels.py, from the CPU's flags): 1 = Intel AMX-INT8 tiles (Sapphire
+// Rapids and later), 2 = the same code with the tile product emulated in AVX2 (tests: any CPU
+// runs the blocking, the layouts and the scale arithmetic a tile CPU runs), 0 = not built.
+//
+// y[m, o] = sum_u xs[m, u] * ws[o, u] * D[m, o, u] - sum_u xsum[m, u] * off[o, u]
+//
+// u runs over the weight's scale groups (units of G = 32, or 16 for Q6_K), D[m, o, u] is the exact
+// int32 dot product of the unit's int8 activations (quantized per 32, as the GEMV above) with the
+// weight's stored integers (u - zp: Q8_0 int8, 4/5/6-bit values, Q6_K's minus 32, all signed
+// int8, so one TDPBSSD serves every format and Q8_0's -128 needs no sign trick), ws = d * sc and
+// off = dm * mn as the GEMV computes them. Per block of 16 weight rows the integers are gathered
+// once (weight order, VNNI tile layout: row kk of unit u's tile = word kk of the unit for the 16
+// rows) and reused by every 16 activation rows; each unit's 16 x 16 int32 tile is converted and
+// scaled into 16 zmm accumulators. The integers are those of the GEMV, only the order of the fp32
+// sums differs (tests/test_gguf_amx.py bounds it).
+#ifndef QWENRUN_AMX
+#define QWENRUN_AMX 0
+#endif
+
+#if QWENRUN_AMX
+// From this many activation rows on, bq_linear takes the tiles: the gathered block of integers pays
+// off from ~32 rows (2 threads, 6912 x 2560, ms GEMV vs tiles: Q4_K N=16 3.1 vs 4.7, N=32 5.0 vs
+// 3.8; Q8_0 N=16 3.4 vs 2.3; Q6_K 2560 x 6912 N=32 7.0 vs 5.0; N=256: 43 vs 18, 57 vs 16, 63 vs 20).
+int64_t g_amx_min_rows = 32;
+
+#if QWENRUN_AMX == 1
+bool amx_ready() {
+  // Linux hands out the 8 KiB tile state only to a process that asks for it once
+  // (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); without it a tile instruction faults.
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One thread's tile registers for a call, two sets (S = 0, 1) so one unit's product runs while
+// the previous one is stored and scaled: A (tiles 0 / 3) 16 x G bytes, B (1 / 4) G/4 x 64 bytes,
+// C (2 / 5) 16 x 16 int32.
+class Tiles {
+ public:
+  explicit Tiles(int64_t G) {
+    TileConfig c;
+    for (int t : {0, 3}) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(G);
+    for (int t : {1, 4}) c.rows[t] = static_cast<uint8_t>(G / 4), c.colsb[t] = 64;
+    for (int t : {2, 5}) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+  }
+  ~Tiles() { _tile_release(); }
+  Tiles(const Tiles&) = delete;
+  Tiles& operator=(const Tiles&) = delete;
+  // C_S = a . b: a = 16 rows of G bytes (contiguous), b = the unit's tile layout
+  template <int S>
+  void issue(const int8_t* a, const int8_t* b, int64_t G) const {
+    if constexpr (S == 0) {
+      _tile_loadd(0, a, G);
+      _tile_loadd(1, b, 64);
+      _tile_zero(2);
+      _tile_dpbssd(2, 0, 1);
+    } else {
+      _tile_loadd(3, a, G);
+      _tile_loadd(4, b, 64);
+      _tile_zero(5);
+      _tile_dpbssd(5, 3, 4);
+    }
+  }
+  template <int S>
+  void store(int32_t* c) const {
+    if constexpr (S == 0) _tile_stored(2, c, 64);
+    else _tile_stored(5, c, 64);
+  }
+};
+
+using V16 = __m512;  // 16 fp32 lanes = one output row of a tile
+inline V16 v16_zero() { return _mm512_setzero_ps(); }
+inline V16 v16_load(const float* p) { return _mm512_loadu_ps(p); }
+inline V16 v16_set1(float v) { return _mm512_set1_ps(v); }
+inline V16 v16_cvt(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
+inline V16 v16_scale(V16 a, float s) { return _mm512_mul_ps(a, _mm512_set1_ps(s)); }
+inline V16 v16_fma(V16 a, V16 b, V16 c) { return _mm512_fmadd_ps(a, b, c); }
+inline void v16_store(float* p, V16 v) { _mm512_storeu_ps(p, v); }
+// dst[w * 16 + n] = word pos[w] of row n (rows K bytes apart), for the words w of [w0, w1)
+inline void gather_words(const int8_t* rows, int64_t K, const int32_t* pos, int64_t w0, int64_t w1, int32_t* dst) {
+  const __m512i rowoff = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(K / 4)));
+  for (int64_t w = w0; w < w1; ++w)
+    _mm512_storeu_si512(dst + w * 16, _mm512_i32gather_epi32(_mm512_add_epi32(rowoff, _mm512_set1_epi32(pos[w])), rows, 4));
+}
+#else  // QWENRUN_AMX == 2: the tile product in plain integer arithmetic, AVX2 vectors for the rest
+bool amx_ready() { return true; }
+
+class Tiles {
+ public:
+  explicit Tiles(int64_t) {}
+  template <int S>
+  void issue(const int8_t* a, const int8_t* b, int64_t G) const {
+    int32_t* c = c_[S];
+    for (int r = 0; r < 16; ++r)
+      for (int n = 0; n < 16; ++n) {
+        int32_t s = 0;
+        for (int64_t kk = 0; kk < G / 4; ++kk)
+          for (int j = 0; j < 4; ++j) s += int32_t(a[r * G + 4 * kk + j]) * int32_t(b[kk * 64 + 4 * n + j]);
+        c[16 * r + n] = s;
+      }
+  }
+  template <int S>
+  void store(int32_t* c) const {
+    std::memcpy(c, c_[S], sizeof(c_[S]));
+  }
+
+ private:
+  mutable int32_t c_[2][256];
+};
+
+struct V16 {
+  __m256 lo, hi;
+};
+inline V16 v16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 v16_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline V16 v16_set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+inline V16 v16_cvt(const int32_t* p) {
+  return {_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+          _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8)))};
+}
+inline V16 v16_scale(V16 a, float s) { return {_mm256_mul_ps(a.lo, _mm256_set1_ps(s)), _mm256_mul_ps(a.hi, _mm256_set1_ps(s))}; }
+inline V16 v16_fma(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline void v16_store(float* p, V16 v) { _mm256_storeu_ps(p, v.lo), _mm256_storeu_ps(p + 8, v.hi); }
+inline void gather_words(const int8_t* rows, int64_t K, const int32_t* pos, int64_t w0, int64_t w1, int32_t* dst) {
+  for (int64_t w = w0; w < w1; ++w)
+    for (int n = 0; n < 16; ++n) std::memcpy(dst + w * 16 + n, rows + n * K + 4 * int64_t(pos[w]), 4);
+}
+#endif
+
+// bq_linear for many rows (see above); x [N, K] fp32 or bf16, y in x's dtype
+torch::Tensor bq_linear_tiles(const Weight& W, const torch::Tensor& x, int64_t G, int64_t O, const float* bias) {
+  TORCH_CHECK(amx_ready(), "this process may not use AMX tiles (arch_prctl refused)");
+  const int64_t N = x.size(0), K = W.K, nb = W.nb, nu = K / G, Np = (N + 15) / 16 * 16;
+  const bool min = W.dm != nullptr;
+  // activations: int8 per 32 in weight order (rows past N zero), scales, and -(block sums) for the offsets
+  // xq in tile order: [Np / 16][nu][16 rows][G], so each unit's A tile is 16 G contiguous bytes
+  std::vector<int8_t> xq(Np * K, 0);
+  std::vector<float> xs(Np * nb, 0.f), nsum(min ? Np * nb : 0, 0.f);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> xf;
+    std::vector<int8_t> q(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      quantize_row(x_row(x, n, xf), K, K, kChunk, q.data(), xs.data() + n * nb);
+      int8_t* tile = xq.data() + (n / 16) * 16 * K + (n % 16) * G;
+      for (int64_t u = 0; u < nu; ++u) std::memcpy(tile + u * 16 * G, q.data() + u * G, G);
+      if (!min) continue;
+      for (int64_t b = 0; b < nb; ++b) {  // exact integer sum, in the block's scale (as the GEMV)
+        int32_t s = 0;
+        for (int64_t i = 0; i < kChunk; ++i) s += q[b * kChunk + i];
+        nsum[n * nb + b] = -(xs[n * nb + b] * static_cast<float>(s));
+      }
+    }
+  });
+  // pos[w] = the stored word that holds weight word w (the inverse of the interleaving)
+  std::vector<int32_t> ident(K / 4), pos(K / 4);
+  for (int64_t m = 0; m < K / 4; ++m) ident[m] = static_cast<int32_t>(m);
+  permute_words(reinterpret_cast<const int8_t*>(ident.data()), reinterpret_cast<int8_t*>(pos.data()), K, G, true);
+  auto y = torch::empty({N, O}, x.options());
+  const YWriter out(y);
+  const int64_t ntiles = (O + 15) / 16;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    const Tiles T(G);
+    std::vector<int8_t> rows(16 * K);
+    std::vector<int32_t> bt(16 * K / 4);  // the block's integers, tile layout, unit after unit
+    std::vector<float> ws(16 * nu), wo(min ? 16 * nu : 0);
+    constexpr int64_t kLag = 3, kLagBufs = 4;  // kLagBufs > kLag
+    alignas(64) int32_t cb[256 * kLagBufs];
+    alignas(64) float yr[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = 16 * t, no = std::min<int64_t>(16, O - o0);
+      for (int64_t n = 0; n < 16; ++n) {
+        if (n < no) stored_ints(W, o0 + n, rows.data() + n * K);
+        else std::memset(rows.data() + n * K, 0, K);
+        const int64_t o = o0 + n, ushift = W.sshift + (G == 16 ? 1 : 0);  // unit -> super-block
+        for (int64_t u = 0; u < nu; ++u) {
+          float s = 0.f, off = 0.f;
+          if (n < no) {
+            s = _cvtsh_ss(W.d[o * W.ldd + (u >> ushift)]);
+            if (W.sc) s *= static_cast<float>(W.sc[o * W.ldg + u]);
+            if (min) off = _cvtsh_ss(W.dm[o * W.ldd + (u >> ushift)]) * static_cast<float>(W.mn[o * W.ldg + u]);
+          }
+          ws[u * 16 + n] = s;
+          if (min) wo[u * 16 + n] = off;
+        }
+      }
+      gather_words(rows.data(), K, pos.data(), 0, K / 4, bt.data());
+      const int8_t* B = reinterpret_cast<const int8_t*>(bt.data());
+      for (int64_t m0 = 0; m0 < N; m0 += 16) {
+        V16 acc[16];
+        for (auto& a : acc) a = v16_zero();
+        const int8_t* A = xq.data() + m0 * K;  // this row tile's units, 16 G bytes each
+        auto apply = [&](int64_t u, const int32_t* c) {
+          const V16 wsu = v16_load(ws.data() + 16 * u);
+          const int64_t cu = G == 32 ? u : u / 2;  // the unit's activation block
+          const float* xsm = xs.data() + m0 * nb + cu;
+          for (int r = 0; r < 16; ++r) acc[r] = v16_fma(v16_cvt(c + 16 * r), v16_scale(wsu, xsm[r * nb]), acc[r]);
+          if (min) {
+            const V16 wou = v16_load(wo.data() + 16 * u);
+            const float* sm = nsum.data() + m0 * nb + u;
+            for (int r = 0; r < 16; ++r) acc[r] = v16_fma(wou, v16_set1(sm[r * nb]), acc[r]);
+          }
+        };
+        // software pipeline over the units: unit u + 1's product is issued before unit u's tile
+        // is stored, and unit u - 1 (stored one step earlier) is scaled meanwhile
+        // (a stored tile is read back kLag units later: the loads then find it in L1)
+        T.issue<0>(A, B, G);
+        for (int64_t u = 0; u < nu; u += 2) {
+          if (u + 1 < nu) T.issue<1>(A + (u + 1) * 16 * G, B + (u + 1) * 16 * G, G);
+          T.store<0>(cb + 256 * (u % kLagBufs));
+          if (u >= kLag) apply(u - kLag, cb + 256 * ((u - kLag) % kLagBufs));
+          if (u + 1 < nu) {
+            if (u + 2 < nu) T.issue<0>(A + (u + 2) * 16 * G, B + (u + 2) * 16 * G, G);
+            T.store<1>(cb + 256 * ((u + 1) % kLagBufs));
+            if (u + 1 >= kLag) apply(u + 1 - kLag, cb + 256 * ((u + 1 - kLag) % kLagBufs));
+          }
+        }
+        for (int64_t u = std::max<int64_t>(0, nu - kLag); u < nu; ++u) apply(u, cb + 256 * (u % kLagBufs));
+        for (int64_t r = 0; r < std::min<int64_t>(16, N - m0); ++r) {
+          v16_store(yr, acc[r]);
+          for (int64_t n = 0; n < no; ++n) out(m0 + r, o0 + n, yr[n] + (bias ? bias[o0 + n] : 0.f));
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif  // QWENRUN_AMX
+
 struct Scratch {
   std::vector<int8_t> q, p;
   std::vector<uint8_t> a;
@@ -463,6 +736,9 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
   const int64_t nbp = (nb + kGroup - 1) / kGroup * kGroup;  // scales / sums padded with zeros
   qwenrun::check_common(x, q, bias, O);
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
+#if QWENRUN_AMX
+  if (N >= g_amx_min_rows) return bq_linear_tiles(W, x, G, O, bias ? bias->data_ptr<float>() : nullptr);
+#endif
   const RowsFn rows_full = pick(W, G, dm.has_value(), sc.has_value(), kMaxNR);
   const RowsFn rows_tail = pick(W, G, dm.has_value(), sc.has_value(), static_cast<int>(N % kMaxNR));
   Scratch& scr = scratch;
@@ -545,32 +821,7 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
     alignas(32) float buf[kChunk];
     std::vector<int8_t> stored(K), row(K);
     for (int64_t o = a; o < e; ++o) {
-      const uint8_t* w = W.q + o * W.ldq;
-      const uint8_t* h = W.qh ? W.qh + o * W.ldh : nullptr;
-      for (int64_t b = 0; b < W.nb; ++b) {  // the row's integers u - zp (exact), stored order
-        __m256i qv;
-        switch (W.bits) {
-          case 4: qv = load_chunk<4, 0>(w, h, b); break;
-          case 5: {  // nibbles + bit 4 from the group's plane (or the rest's word)
-            const Plane5 pl(W.K);
-            if (b < pl.group_chunks) {
-              const int64_t gi = b / 8, bit = b % 8;  // (a half group is group K / 256, bits 0-3)
-              alignas(32) uint8_t plane[32], vb[32];
-              std::memcpy(plane, h + 32 * gi, 32);
-              _mm256_store_si256(reinterpret_cast<__m256i*>(vb), load_chunk<4, 0>(w, h, b));
-              for (int i = 0; i < 32; ++i) vb[i] |= ((plane[i] >> bit) & 1) << 4;
-              qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(vb));
-            } else {
-              qv = load_chunk<5, 0>(w, pl.rest_words(h), b);
-            }
-            break;
-          }
-          case 6: qv = load_chunk<6, 0>(w, h, b); break;
-          default: qv = load_chunk<8, 0>(w, h, b); break;
-        }
-        if (W.zp) qv = _mm256_sub_epi8(qv, _mm256_set1_epi8(static_cast<char>(W.zp)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(stored.data() + b * kChunk), qv);
-      }
+      stored_ints(W, o, stored.data());
       permute_words(stored.data(), row.data(), K, G, true);  // -> weight order
       for (int64_t b = 0; b < W.nb; ++b) {
         const int64_t s = b >> W.sshift;
@@ -757,3 +1008,23 @@ std::vector<torch::Tensor> bq_pack_q5(const torch::Tensor& src, int64_t head) {
   return {q, qh, heads};
 }
 
+
+// The many-row tile path: "amx" (the CPU's tiles), "amx (emulated)" or "" (not built), and the
+// row count from which bq_linear takes it (set_min_rows >= 0 changes it: tests, benchmarks).
+std::string bq_tiles(int64_t set_min_rows) {
+#if QWENRUN_AMX
+  if (set_min_rows >= 0) g_amx_min_rows = std::max<int64_t>(1, set_min_rows);
+  return QWENRUN_AMX == 1 ? "amx" : "amx (emulated)";
+#else
+  (void)set_min_rows;
+  return "";
+#endif
+}
+
+int64_t bq_tiles_min_rows() {
+#if QWENRUN_AMX
+  return g_amx_min_rows;
+#else
+  return -1;
+#endif
+}

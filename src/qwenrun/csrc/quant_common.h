@@ -70,6 +70,9 @@ inline __m256i dot4_acc(__m256i acc, __m256i a, __m256i b) {
 }
 
 inline const char* isa_name() {
+#if defined(QWENRUN_AMX) && QWENRUN_AMX == 1
+  return "amx";  // avx512-vnni dot products + AMX-INT8 tiles for many rows (gguf_kernels.cpp)
+#endif
   switch (QWENRUN_VNNI) {
     case 1: return "avx512-vnni";
     case 2: return "avx-vnni";

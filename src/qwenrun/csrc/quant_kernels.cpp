@@ -206,6 +206,8 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
                         const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
                         const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
                         int64_t S, int64_t bits, int64_t zp, const c10::optional<torch::Tensor>& bias);
+std::string bq_tiles(int64_t set_min_rows);
+int64_t bq_tiles_min_rows();
 torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
                          const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
                          const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
@@ -233,6 +235,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dequant", &int8_dequant, "int8 rows -> fp32");
   m.def("int4_dequant", &int4_dequant, "int4 rows -> fp32");
   m.def("bq_linear", &bq_linear, "GGUF block-quantized weight linear (AVX2)");
+  m.def("bq_tiles", &bq_tiles, "the many-row tile path this build has ('amx', 'amx (emulated)', ''); set_min_rows >= 0 sets the row count from which bq_linear takes it", pybind11::arg("set_min_rows") = -1);
+  m.def("bq_tiles_min_rows", &bq_tiles_min_rows, "the row count from which bq_linear takes the tile path (-1: no tile path)");
   m.def("bq_dequant", &bq_dequant, "GGUF block-quantized rows -> fp32/bf16, exactly gguf's values");
   m.def("bq_permute_words", &bq_permute_words, "GGUF blocks -> the kernels' interleaved word order (load time)");
   m.def("bq_pack_q6k", &bq_pack_q6k, "Q6_K blocks -> the kernels' 6-bit storage (load time)");

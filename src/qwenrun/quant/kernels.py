@@ -1,4 +1,5 @@
-"""Build, cache and load the CPU kernels (AVX2, with VNNI dot products where the CPU has them): quantized linears (``qwenrun/csrc/quant_*.cpp``)
+"""Build, cache and load the CPU kernels (AVX2, with VNNI dot products where the CPU has them and
+AMX-INT8 tiles for GGUF linears over many rows): quantized linears (``qwenrun/csrc/quant_*.cpp``)
 and decode attention over an int8 KV cache (``kv_attention.cpp``).
 
 The extension is compiled once per (source hash, torch version, compiler flags incl. the ISA) into a stable
@@ -37,10 +38,16 @@ ISAS = {  # name -> (CPU flags it needs, extra compiler flags)
     "avx-vnni": ({"avx_vnni"}, ["-mavxvnni", "-DQWENRUN_VNNI=2"]),
     "avx512-vnni": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
                     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DQWENRUN_VNNI=1"]),
-    "vnni-emulated": (set(), ["-DQWENRUN_VNNI=3"]),
+    # + AMX-INT8 tiles for GGUF linears over many rows (prefill, big batches): gguf_kernels.cpp
+    "amx": ({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"},
+            ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
+             "-DQWENRUN_VNNI=1", "-DQWENRUN_AMX=1"]),
+    # the VNNI and tile code structure with vpdpbusd and the tile product emulated in AVX2
+    "vnni-emulated": (set(), ["-DQWENRUN_VNNI=3", "-DQWENRUN_AMX=2"]),
     "avx2": (set(), []),
 }
-_AUTO_ORDER = ("avx-vnni", "avx512-vnni", "avx2")  # VEX AVX-VNNI first: no AVX-512 code elsewhere
+# AMX first (its GEMV is the avx512-vnni one), then VEX AVX-VNNI: no AVX-512 code elsewhere
+_AUTO_ORDER = ("amx", "avx-vnni", "avx512-vnni", "avx2")
 _UNSET = object()
 _ops: object = _UNSET
 _error: str | None = None
