@@ -455,6 +455,21 @@ Weight make_weight(const torch::Tensor& q, const c10::optional<torch::Tensor>& q
 inline void stored_ints(const Weight& W, int64_t o, int8_t* stored) {
   const uint8_t* w = W.q + o * W.ldq;
   const uint8_t* h = W.qh ? W.qh + o * W.ldh : nullptr;
+  if (W.bits == 8 && W.zp == 0) {
+    std::memcpy(stored, w, W.K);
+    return;
+  }
+  if ((W.bits == 4 || W.bits == 6) && W.nb % 2 == 0) {  // two chunks per unpack
+    const __m256i z = _mm256_set1_epi8(static_cast<char>(W.zp));
+    for (int64_t b = 0; b < W.nb; b += 2) {
+      __m256i v0, v1;
+      if (W.bits == 4) load_pair<4, 0>(w, h, b, v0, v1);
+      else load_pair<6, 0>(w, h, b, v0, v1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(stored + b * kChunk), _mm256_sub_epi8(v0, z));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(stored + (b + 1) * kChunk), _mm256_sub_epi8(v1, z));
+    }
+    return;
+  }
   for (int64_t b = 0; b < W.nb; ++b) {  // the row's integers u - zp (exact), stored order
     __m256i qv;
     switch (W.bits) {
@@ -463,11 +478,10 @@ inline void stored_ints(const Weight& W, int64_t o, int8_t* stored) {
         const Plane5 pl(W.K);
         if (b < pl.group_chunks) {
           const int64_t gi = b / 8, bit = b % 8;  // (a half group is group K / 256, bits 0-3)
-          alignas(32) uint8_t plane[32], vb[32];
-          std::memcpy(plane, h + 32 * gi, 32);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(vb), load_chunk<4, 0>(w, h, b));
-          for (int i = 0; i < 32; ++i) vb[i] |= ((plane[i] >> bit) & 1) << 4;
-          qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(vb));
+          const __m256i plane = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 32 * gi));
+          // bit `bit` of each byte -> bit 4 (16-bit shifts: the mask keeps each byte's own bit)
+          const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(plane, _mm_cvtsi32_si128(static_cast<int>(bit))), _mm256_set1_epi8(1));
+          qv = _mm256_or_si256(load_chunk<4, 0>(w, h, b), _mm256_slli_epi16(hb, 4));
         } else {
           qv = load_chunk<5, 0>(w, pl.rest_words(h), b);
         }
@@ -502,10 +516,12 @@ inline void stored_ints(const Weight& W, int64_t o, int8_t* stored) {
 #endif
 
 #if QWENRUN_AMX
-// From this many activation rows on, bq_linear takes the tiles: the gathered block of integers pays
-// off from ~32 rows (2 threads, 6912 x 2560, ms GEMV vs tiles: Q4_K N=16 3.1 vs 4.7, N=32 5.0 vs
-// 3.8; Q8_0 N=16 3.4 vs 2.3; Q6_K 2560 x 6912 N=32 7.0 vs 5.0; N=256: 43 vs 18, 57 vs 16, 63 vs 20).
-int64_t g_amx_min_rows = 32;
+// From this many activation rows on, bq_linear takes the tiles: gathering a block's integers and
+// scales (~2 ms per 4B-sized weight, mostly reading it) pays off from ~12 rows. Sapphire Rapids, 2
+// threads, ms GEMV / tiles (benchmarks/bench_tiles.py): 6912 x 2560 Q4_K N=8 1.13/2.00, N=12
+// 1.98/1.90, N=16 2.37/2.01, N=32 4.75/2.88; Q8_0 N=16 2.92/1.99; 2560 x 6912 Q6_K N=16
+// 3.27/2.58; 9728 x 896 Q5_0 N=16 1.65/1.75, N=32 3.23/2.18; N=256 about 2.5x faster.
+int64_t g_amx_min_rows = 16;
 
 #if QWENRUN_AMX == 1
 bool amx_ready() {
@@ -618,6 +634,54 @@ inline void gather_words(const int8_t* rows, int64_t K, const int32_t* pos, int6
 }
 #endif
 
+// The block's scales in tile order: ws[u * 16 + n] = d * sc of unit u of row o0 + n (0 past the
+// last row), wo the same for the offsets dm * mn; fp32 products exactly as the GEMV forms them.
+inline void tile_scales(const Weight& W, int64_t G, int64_t o0, int64_t no, bool rows_follow, float* ws, float* wo) {
+  const int64_t nu = W.K / G, ushift = W.sshift + (G == 16 ? 1 : 0);  // unit -> super-block
+#if QWENRUN_AMX == 1
+  // 16 rows at once, gathers across the rows (one vector per unit); the 4-byte gathers of 1- and
+  // 2-byte values read up to 3 bytes past the element, so a row must follow (not the last block)
+  if (no == 16 && rows_follow) {
+    const __m512i rows = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i offd = _mm512_mullo_epi32(rows, _mm512_set1_epi32(static_cast<int>(W.ldd)));
+    const __m512i offg = _mm512_mullo_epi32(rows, _mm512_set1_epi32(static_cast<int>(W.ldg)));
+    const uint16_t* d = W.d + o0 * W.ldd;
+    const uint16_t* dm = W.dm ? W.dm + o0 * W.ldd : nullptr;
+    const int8_t* sc = W.sc ? W.sc + o0 * W.ldg : nullptr;
+    const int8_t* mn = W.mn ? W.mn + o0 * W.ldg : nullptr;
+    auto f16s = [&](const uint16_t* base, int64_t i) {  // 16 fp16 (row n: base[n * ldd + i]) -> fp32, exact
+      // 2-byte elements through 4-byte gathers at byte offsets (the low half is the value)
+      const __m512i v = _mm512_i32gather_epi32(_mm512_add_epi32(_mm512_slli_epi32(offd, 1), _mm512_set1_epi32(static_cast<int>(2 * i))), base, 1);
+      return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    };
+    auto i8s = [&](const int8_t* base, int64_t i) {  // 16 int8 (row n: base[n * ldg + i]) -> fp32
+      const __m512i v = _mm512_i32gather_epi32(_mm512_add_epi32(offg, _mm512_set1_epi32(static_cast<int>(i))), base, 1);
+      return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+    };
+    for (int64_t u = 0; u < nu; ++u) {
+      __m512 s = f16s(d, u >> ushift);
+      if (sc) s = _mm512_mul_ps(s, i8s(sc, u));
+      _mm512_storeu_ps(ws + u * 16, s);
+      if (wo) _mm512_storeu_ps(wo + u * 16, _mm512_mul_ps(f16s(dm, u >> ushift), i8s(mn, u)));
+    }
+    return;
+  }
+#endif
+  for (int64_t n = 0; n < 16; ++n) {
+    const int64_t o = o0 + n;
+    for (int64_t u = 0; u < nu; ++u) {
+      float s = 0.f, off = 0.f;
+      if (n < no) {
+        s = _cvtsh_ss(W.d[o * W.ldd + (u >> ushift)]);
+        if (W.sc) s *= static_cast<float>(W.sc[o * W.ldg + u]);
+        if (wo) off = _cvtsh_ss(W.dm[o * W.ldd + (u >> ushift)]) * static_cast<float>(W.mn[o * W.ldg + u]);
+      }
+      ws[u * 16 + n] = s;
+      if (wo) wo[u * 16 + n] = off;
+    }
+  }
+}
+
 // bq_linear for many rows (see above); x [N, K] fp32 or bf16, y in x's dtype
 torch::Tensor bq_linear_tiles(const Weight& W, const torch::Tensor& x, int64_t G, int64_t O, const float* bias) {
   TORCH_CHECK(amx_ready(), "this process may not use AMX tiles (arch_prctl refused)");
@@ -662,18 +726,8 @@ torch::Tensor bq_linear_tiles(const Weight& W, const torch::Tensor& x, int64_t G
       for (int64_t n = 0; n < 16; ++n) {
         if (n < no) stored_ints(W, o0 + n, rows.data() + n * K);
         else std::memset(rows.data() + n * K, 0, K);
-        const int64_t o = o0 + n, ushift = W.sshift + (G == 16 ? 1 : 0);  // unit -> super-block
-        for (int64_t u = 0; u < nu; ++u) {
-          float s = 0.f, off = 0.f;
-          if (n < no) {
-            s = _cvtsh_ss(W.d[o * W.ldd + (u >> ushift)]);
-            if (W.sc) s *= static_cast<float>(W.sc[o * W.ldg + u]);
-            if (min) off = _cvtsh_ss(W.dm[o * W.ldd + (u >> ushift)]) * static_cast<float>(W.mn[o * W.ldg + u]);
-          }
-          ws[u * 16 + n] = s;
-          if (min) wo[u * 16 + n] = off;
-        }
       }
+      tile_scales(W, G, o0, no, o0 + 16 < O, ws.data(), min ? wo.data() : nullptr);
       gather_words(rows.data(), K, pos.data(), 0, K / 4, bt.data());
       const int8_t* B = reinterpret_cast<const int8_t*>(bt.data());
       for (int64_t m0 = 0; m0 < N; m0 += 16) {
