@@ -136,6 +136,25 @@ def test_eviction_is_lru_and_spares_referenced_blocks():
         assert bm.blocks[bid].ref_count == 1
 
 
+def test_reset_prefix_cache_reuses_the_freed_blocks_before_untouched_ones():
+    """Blocks forgotten by a cache reset are handed out before never-used ones: their memory is
+    mapped already (a fresh CPU pool page-faults on first write). Without the reset they stay
+    behind every never-used block (kept for prefix hits)."""
+    bm, s = make(num_blocks=8)
+    a = seq(range(8), max_tokens=1)
+    s.add(a)
+    run_all(s)
+    used = set(bm.cached.values())
+    assert len(used) == 2 and bm.num_free_blocks == 8
+    assert list(bm.free)[:2] != sorted(used) and set(list(bm.free)[-2:]) == used  # cached: at the back
+    bm.reset_prefix_cache()
+    assert not bm.cached and set(list(bm.free)[:2]) == used
+    b = seq(range(100, 108), max_tokens=1)
+    s.add(b)
+    s.schedule()
+    assert set(b.block_table) == used
+
+
 def test_preemption_by_recompute_and_resume():
     bm, s = make(num_blocks=5, budget=64)
     a, b = seq(range(8), max_tokens=8, rid="a"), seq(range(100, 108), max_tokens=8, rid="b")

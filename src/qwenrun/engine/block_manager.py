@@ -169,8 +169,13 @@ class BlockManager:
         seq.num_hashed_blocks = 0
 
     def reset_prefix_cache(self) -> None:
+        """Forget every unreferenced cached block. They become plain free blocks and, like any
+        uncached block, move to the front of the queue: reused before never-touched blocks, whose
+        memory a CPU pool has not even mapped yet (a 4B model's first touch of fp32 KV costs ~0.4
+        ms per token on a VM)."""
         for h, bid in list(self.cached.items()):
             b = self.blocks[bid]
             if b.ref_count == 0:
                 del self.cached[h]
                 b.hash = b.parent_hash = b.token_ids = None
+                self.free.move_to_end(bid, last=False)
