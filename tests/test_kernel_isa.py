@@ -25,8 +25,9 @@ HERE = Path(__file__).resolve().parent
 
 def battery() -> dict[str, torch.Tensor]:
     """Every kernel that multiplies integers, on fixed inputs: GGUF formats at odd shapes with
-    1-17 activation rows (the NR = 1..4 paths, the many-row blocking, half groups, plain rests),
-    and the int8 / int4 linears."""
+    1-17 activation rows (the NR = 1..4 paths, the many-row blocking, half groups, plain rests;
+    GEMV only: tile builds take the tiles from 16 rows, and those are bounded against the GEMV in
+    test_gguf_tiles.py), and the int8 / int4 linears."""
     sys.path.insert(0, str(HERE))
     from test_gguf_native import CASES, gguf_blocks
 
@@ -36,14 +37,20 @@ def battery() -> dict[str, torch.Tensor]:
     ops = kernels.ops()
     out: dict[str, torch.Tensor] = {"isa": torch.tensor(list(ops.isa().encode()))}
     g = torch.Generator().manual_seed(5)
-    for qtype, O, K in CASES:
-        w = pack(qtype, gguf_blocks(qtype, O, K, seed=7), (O, K))
-        if not w.kernel_ok:
-            continue
-        bias = torch.randn(O, generator=g)
-        for N in (1, 2, 3, 4, 5, 17):
-            x = torch.randn(N, K, generator=g)
-            out[f"{qtype}/{O}x{K}/N{N}"] = ops.bq_linear(x, *w.kernel_args(), bias)
+    tiles_from = ops.bq_tiles_min_rows()
+    ops.bq_tiles(1 << 30)  # the GEMV at every row count here (the AMX tile path: test_gguf_tiles.py)
+    try:
+        for qtype, O, K in CASES:
+            w = pack(qtype, gguf_blocks(qtype, O, K, seed=7), (O, K))
+            if not w.kernel_ok:
+                continue
+            bias = torch.randn(O, generator=g)
+            for N in (1, 2, 3, 4, 5, 17):
+                x = torch.randn(N, K, generator=g)
+                out[f"{qtype}/{O}x{K}/N{N}"] = ops.bq_linear(x, *w.kernel_args(), bias)
+    finally:
+        if tiles_from > 0:
+            ops.bq_tiles(tiles_from)
     for cls in (Int8Linear, Int4Linear):
         for O, K in ((37, 256), (19, 2560)):
             lin = cls(torch.randn(O, K, generator=g) * 0.05, torch.randn(O, generator=g))
