@@ -111,23 +111,39 @@ def test_real_tiles_match_the_simulation_and_equal_the_emulation_bit_for_bit(emu
             assert torch.equal(v, emulated[k]), (k, (v.float() - emulated[k].float()).abs().max())
 
 
-@pytest.mark.skipif(OPS is None or not OPS.bq_tiles(), reason="this build has no tile path")
-def test_bq_linear_takes_the_tiles_from_the_threshold_on():
+def dispatch_check() -> bool:
+    """bq_linear takes the tiles from bq_tiles_min_rows() rows on and the GEMV below (a build with
+    a tile path); a build without one says so and has no threshold. Returns whether tiles exist."""
     from test_gguf_native import gguf_blocks
 
     from qwenrun.quant.gguf_linear import pack
 
-    w = pack("Q4_K", gguf_blocks("Q4_K", 40, 512, seed=1), (40, 512))
-    at = OPS.bq_tiles_min_rows()
+    ops = kernels.ops()
+    at = ops.bq_tiles_min_rows()
+    if not ops.bq_tiles():
+        assert at == -1 and kernels.isa() not in ("amx", "vnni-emulated")
+        return False
     assert at >= 16
+    w = pack("Q4_K", gguf_blocks("Q4_K", 40, 512, seed=1), (40, 512))
     x = torch.randn(at + 5, 512, generator=torch.Generator().manual_seed(3))
-    auto = OPS.bq_linear(x, *w.kernel_args(), None), OPS.bq_linear(x[:at - 1], *w.kernel_args(), None)
+    auto = ops.bq_linear(x, *w.kernel_args(), None), ops.bq_linear(x[:at - 1], *w.kernel_args(), None)
     try:
-        OPS.bq_tiles(1)
-        tiles = OPS.bq_linear(x, *w.kernel_args(), None)
-        OPS.bq_tiles(1 << 30)
-        gemv = OPS.bq_linear(x[:at - 1], *w.kernel_args(), None)
+        ops.bq_tiles(1)
+        tiles = ops.bq_linear(x, *w.kernel_args(), None)
+        ops.bq_tiles(1 << 30)
+        gemv = ops.bq_linear(x[:at - 1], *w.kernel_args(), None)
     finally:
-        OPS.bq_tiles(at)
+        ops.bq_tiles(at)
     assert torch.equal(auto[0], tiles) and torch.equal(auto[1], gemv)
-    assert OPS.bq_tiles_min_rows() == at
+    assert not torch.equal(auto[0][:at - 1], gemv)  # the two paths' fp32 sums do differ: a real switch
+    assert ops.bq_tiles_min_rows() == at
+    return True
+
+
+@pytest.mark.skipif(OPS is None, reason="kernels unavailable (CPU without AVX2, or QWENRUN_NO_KERNELS)")
+def test_bq_linear_takes_the_tiles_from_the_threshold_on():
+    assert dispatch_check() == (kernels.isa() in ("amx", "vnni-emulated"))
+    env = dict(os.environ, QWENRUN_ISA="vnni-emulated", PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]))
+    r = subprocess.run([sys.executable, "-c", "import test_gguf_tiles as t; assert t.dispatch_check()"], env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]  # the emulated build's dispatch, on every CPU
