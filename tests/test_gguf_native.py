@@ -63,6 +63,14 @@ def reference(qtype: str, raw: np.ndarray, O: int, K: int) -> torch.Tensor:
 CASES = [(qt, O, K) for qt in NATIVE_TYPES for O, K in SHAPES[qt]]
 
 
+def kernel_cases(seed: int):
+    """(qtype, O, K, packed weight) for each of CASES the kernels take (blocks from ``seed``)."""
+    for qtype, O, K in CASES:
+        w = pack(qtype, gguf_blocks(qtype, O, K, seed=seed), (O, K))
+        if w.kernel_ok:
+            yield qtype, O, K, w
+
+
 @pytest.mark.parametrize("qtype,O,K", CASES)
 def test_weights_equal_gguf_dequantization_exactly(qtype, O, K):
     raw = gguf_blocks(qtype, O, K)

@@ -26,19 +26,14 @@ ROWS = (16, 33, 47)  # one tile of rows, a partial last tile, an odd unit count 
 def tile_battery() -> dict[str, torch.Tensor]:
     """Every GGUF layout at odd shapes, tiles forced on (and the GEMV forced, for reference)."""
     sys.path.insert(0, str(HERE))
-    from test_gguf_native import CASES, gguf_blocks
-
-    from qwenrun.quant.gguf_linear import pack
+    from test_gguf_native import kernel_cases
 
     ops = kernels.ops()
     out: dict[str, torch.Tensor] = {"tiles": torch.tensor(list(ops.bq_tiles().encode()))}
     default = ops.bq_tiles_min_rows()
     g = torch.Generator().manual_seed(11)
     try:
-        for qtype, O, K in CASES:
-            w = pack(qtype, gguf_blocks(qtype, O, K, seed=5), (O, K))
-            if not w.kernel_ok:
-                continue
+        for qtype, O, K, w in kernel_cases(seed=5):
             bias = torch.randn(O, generator=g)
             for N in ROWS:
                 x = torch.randn(N, K, generator=g)

@@ -29,9 +29,8 @@ def battery() -> dict[str, torch.Tensor]:
     GEMV only: tile builds take the tiles from 16 rows, and those are bounded against the GEMV in
     test_gguf_tiles.py), and the int8 / int4 linears."""
     sys.path.insert(0, str(HERE))
-    from test_gguf_native import CASES, gguf_blocks
+    from test_gguf_native import kernel_cases
 
-    from qwenrun.quant.gguf_linear import pack
     from qwenrun.quant.linear import Int4Linear, Int8Linear
 
     ops = kernels.ops()
@@ -40,10 +39,7 @@ def battery() -> dict[str, torch.Tensor]:
     tiles_from = ops.bq_tiles_min_rows()
     ops.bq_tiles(1 << 30)  # the GEMV at every row count here (the AMX tile path: test_gguf_tiles.py)
     try:
-        for qtype, O, K in CASES:
-            w = pack(qtype, gguf_blocks(qtype, O, K, seed=7), (O, K))
-            if not w.kernel_ok:
-                continue
+        for qtype, O, K, w in kernel_cases(seed=7):
             bias = torch.randn(O, generator=g)
             for N in (1, 2, 3, 4, 5, 17):
                 x = torch.randn(N, K, generator=g)
