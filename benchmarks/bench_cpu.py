@@ -33,7 +33,7 @@ def med(xs):
 
 
 def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: int, conc: int, repeats: int,
-                  max_model_len: int = 4096):
+                  max_model_len: int = 4096, kv_cache_dtype: str = "auto"):
     """Prefill, decode and aggregate decode of one qwenrun configuration (this process)."""
     from qwenrun.bench import _linear_bytes_and_params
     from qwenrun.config import EngineConfig
@@ -42,7 +42,7 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
     from qwenrun.sampling_params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=model, quantization=quant, kv_cache_memory=1.0, max_model_len=max_model_len,
-                                 max_num_batched_tokens=len(prompt)), progress=False)
+                                 max_num_batched_tokens=len(prompt), kv_cache_dtype=kv_cache_dtype), progress=False)
     wbytes, lparams = _linear_bytes_and_params(eng.loaded.model)
     sp = SamplingParams(temperature=0, max_tokens=decode_len, ignore_eos=True, repetition_penalty=1.0)
     pre, dec = [], []
@@ -77,6 +77,7 @@ def bench_qwenrun(model: str, quant: str | None, prompt: list[int], decode_len: 
             eng.step()
         agg.append((conc * decode_len - n0) / (time.perf_counter() - t0))
     res = {"engine": "qwenrun", "quant": eng.loaded.quantization or "none (dense)", "act_dtype": str(eng.loaded.dtype).replace("torch.", ""),
+           "kv_cache_dtype": str(eng.cache.dtype).replace("torch.", ""),
            "prefill_tps": med(pre), "decode_tps": med(dec),
            f"aggregate{conc}_tps": med(agg), "weight_gb": wbytes / 1e9, "linear_params": lparams}
     del eng
@@ -180,6 +181,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-model-len", type=int, default=4096, help="qwenrun's context (KV pool of 1 GiB)")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="qwenrun's KV cache (auto = the activations'; llama.cpp's default is float16)")
     args = ap.parse_args()
     from qwenrun.bench import measure_limits, peak_key
     from qwenrun.loader import resolve
@@ -204,7 +207,7 @@ def main() -> int:
     results = []
     for q in args.quant.split(","):
         r = bench_qwenrun(args.model, None if q == "none" else q, prompt, args.decode_len, args.concurrency,
-                          args.repeats, args.max_model_len)
+                          args.repeats, args.max_model_len, args.kv_cache_dtype)
         if not args.no_load:
             r.update(bench_load(args.model, q))
         results.append(r)

@@ -3,7 +3,7 @@
 everything else (attention, norms, RoPE, sampling, scheduling), then torch.profiler's top ops.
 
     .venv/bin/python benchmarks/profile_decode.py [MODEL] [-q int8|int4] [--batch 1] [--steps 32]
-        [--random-weights] [--context 64]
+        [--random-weights] [--context 64] [--max-model-len 4096] [--kv-cache-dtype auto]
 
 One process, one engine, nothing else running (2 cores: anything else in parallel skews it).
 """
@@ -25,6 +25,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
 
@@ -33,8 +35,8 @@ def main() -> int:
     from qwenrun import LLM, SamplingParams
     from qwenrun.outputs import OutputKind
 
-    llm = LLM(args.model, quantization=args.quantization, kv_cache_memory=2.0, max_model_len=4096,
-              random_weights=args.random_weights)
+    llm = LLM(args.model, quantization=args.quantization, kv_cache_memory=2.0, max_model_len=args.max_model_len,
+              random_weights=args.random_weights, kv_cache_dtype=args.kv_cache_dtype)
     eng = llm.engine
     model = eng.loaded.model
     sp = SamplingParams(temperature=0, max_tokens=args.steps, ignore_eos=True)

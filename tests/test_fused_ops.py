@@ -17,7 +17,8 @@ from qwenrun.config import EngineConfig
 from qwenrun.engine.kv_cache import KVCache
 from qwenrun.engine.sampler import Sampler
 from qwenrun.layers import fused
-from qwenrun.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan, fused_attention, paged_attention
+from qwenrun.layers.attention import (AttentionMetadata, DecodeGroup, PrefillSpan, fused_attention, fused_cache,
+                                      paged_attention)
 from qwenrun.layers.norm import RMSNorm
 from qwenrun.layers.rotary import apply_rotary, rope_table
 from qwenrun.loader import load
@@ -70,11 +71,18 @@ def test_silu_mul(dtype, n, f):
     _close(OPS.silu_mul2(g, u), ref, dtype, rel32=1e-6)
 
 
+# (activations, cache): the cache in the activations' dtype, and the 16-bit caches under fp32 / bf16
+# activations (--kv-cache-dtype float16 / bfloat16: half the bytes each decode step reads)
+ACT_KV = [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.float16),
+          (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32)]
+
+
 @needs_ops
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,kv_dtype", ACT_KV)
 @pytest.mark.parametrize("heads,kv_heads,d", [(14, 2, 64), (3, 3, 128), (5, 1, 64)])
-def test_rope_and_cache_write_bit_identical(dtype, heads, kv_heads, d):
-    """RoPE rounds where the plain path's mul/mul/add round: identical bits; k/v land in their slots."""
+def test_rope_and_cache_write_bit_identical(dtype, kv_dtype, heads, kv_heads, d):
+    """RoPE rounds where the plain path's mul/mul/add round: identical bits; k/v land in their
+    slots, converted to the cache's dtype exactly as the plain path's write (torch's copy_)."""
     torch.manual_seed(d + heads)
     rope = rope_table(d, 1e6, 40000, "cpu")
     pos = torch.tensor([0, 7, 1234, 32767, 39999])
@@ -82,7 +90,7 @@ def test_rope_and_cache_write_bit_identical(dtype, heads, kv_heads, d):
     qkv = torch.randn(n, (heads + 2 * kv_heads) * d).to(dtype)
     cs = rope.index_select(0, pos).to(dtype)
     ref = apply_rotary(qkv[:, :(heads + kv_heads) * d].view(n, heads + kv_heads, d), cs[:, 0:1], cs[:, 1:2])
-    cache = KVCache(2, 4, 4, kv_heads, d, dtype, "cpu")
+    cache = KVCache(2, 4, 4, kv_heads, d, kv_dtype or dtype, "cpu")
     cache.data.zero_()
     slots = torch.tensor([3, 15, 0, 8, 9])
     got = qkv.clone()
@@ -91,7 +99,14 @@ def test_rope_and_cache_write_bit_identical(dtype, heads, kv_heads, d):
     assert torch.equal(got[:, (heads + kv_heads) * d:], qkv[:, (heads + kv_heads) * d:])  # v untouched
     k = got[:, heads * d:(heads + kv_heads) * d].view(n, kv_heads, d)
     v = got[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
-    assert torch.equal(cache.data[1, 0, slots], k) and torch.equal(cache.data[1, 1, slots], v)
+    plain = KVCache(2, 4, 4, kv_heads, d, kv_dtype or dtype, "cpu")
+    plain.data.zero_()
+    plain.write(1, slots, k, v)
+    assert torch.equal(cache.data, plain.data)
+    if kv_dtype is None:
+        assert torch.equal(cache.data[1, 0, slots], k) and torch.equal(cache.data[1, 1, slots], v)
+    else:  # rounded to the cache's dtype (RNE), in the right slots
+        assert torch.equal(cache.data[1, 0, slots], k.to(kv_dtype)) and torch.equal(cache.data[1, 1, slots], v.to(kv_dtype))
     assert not cache.data[0].any()  # the other layer is not written
 
 
@@ -127,15 +142,17 @@ def _slots(table, start, end, block=4):
 
 
 @needs_ops
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,kv_dtype", ACT_KV)
 @pytest.mark.parametrize("heads,kv_heads,d", [(14, 2, 64), (3, 3, 128), (6, 2, 128), (4, 2, 20)])
 @pytest.mark.parametrize("window", [None, 5, 17])  # d = 20: the unblocked loops; 17 keys: 2 blocks of 8 + 1
-def test_decode_attention_matches_plain(dtype, heads, kv_heads, d, window):
-    """Decodes of different lengths over a scattered cache (and a prefill span in the same batch)."""
+def test_decode_attention_matches_plain(dtype, kv_dtype, heads, kv_heads, d, window):
+    """Decodes of different lengths over a scattered cache (and a prefill span in the same batch);
+    a 16-bit cache under fp32 activations: the same bound (the plain path reads the same rounded
+    keys back as fp32)."""
     ctx = [0, 6, 33]  # cached tokens before each decode's new token
     prefill_cached, prefill_new = 9, 5  # a chunk continuing a cached prefix
     cache, tables = _paged_setup(dtype, heads, kv_heads, d, ctx + [prefill_cached], seed=d + heads,
-                                 caps=[c + 1 for c in ctx] + [prefill_cached + prefill_new])
+                                 caps=[c + 1 for c in ctx] + [prefill_cached + prefill_new], kv_dtype=kv_dtype)
     n = len(ctx) + prefill_new
     torch.manual_seed(1)
     qkv = torch.randn(n, (heads + 2 * kv_heads) * d).to(dtype)
@@ -159,12 +176,13 @@ def test_decode_attention_matches_plain(dtype, heads, kv_heads, d, window):
         return m
 
     # plain: rotate, write, gather + SDPA
-    ref_cache = KVCache(2, cache.num_blocks, 4, kv_heads, d, dtype, "cpu")
+    ref_cache = KVCache(2, cache.num_blocks, 4, kv_heads, d, kv_dtype or dtype, "cpu")
     ref_cache.data.copy_(cache.data)
     cs = rope.index_select(0, positions).to(dtype)
     qk = apply_rotary(qkv[:, :(heads + kv_heads) * d].view(n, heads + kv_heads, d), cs[:, 0:1], cs[:, 1:2])
     ref = paged_attention(qk[:, :heads], qk[:, heads:], qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d),
                           meta(), ref_cache, 1, window, scale).reshape(n, heads * d)
+    assert fused_cache(cache)  # (the fused ops take this cache in place, 16-bit ones included)
     got = fused_attention(OPS, qkv.clone(), heads, kv_heads, rope, positions, meta(), cache, 1, window, scale)
     assert torch.equal(cache.data, ref_cache.data)  # the same K/V written to the same slots
     err = (got.float() - ref.float()).abs().max().item()
@@ -290,11 +308,15 @@ def test_tiny_model_fused_vs_plain(tmp_path, dtype, bound, cfg):
 
 
 @needs_ops
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_tiny_engine_greedy_identical(tiny_dir, quantization):
+@pytest.mark.parametrize("quantization,kv", [(None, "auto"), ("int8", "auto"), ("int4", "auto"), (None, "float16"),
+                                             (None, "bfloat16")])
+def test_tiny_engine_greedy_identical(tiny_dir, quantization, kv):
     """Through LLM.generate (runner, scheduler, sampler): the same greedy tokens, batch of 3
-    (quantized: apart only at a near tie)."""
-    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=0.05, block_size=4, quantization=quantization)
+    (quantized: apart only at a near tie); a 16-bit cache under fp32 activations too (both paths
+    store the same rounded K/V)."""
+    llm = LLM(str(tiny_dir), dtype="float32", kv_cache_memory=0.05, block_size=4, quantization=quantization,
+              kv_cache_dtype=kv)
+    assert llm.engine.cache.dtype == {"auto": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[kv]
     tok = llm.get_tokenizer()
     prompts = [tok.encode(PROMPT), tok.encode("Hello world!"), tok.encode(PROMPT[::-1])]
     # no penalties (the greedy pick is then the top raw logprob, whose margin is checked below)

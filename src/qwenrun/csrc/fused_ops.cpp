@@ -27,14 +27,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using bf16 = c10::BFloat16;
+using fp16 = c10::Half;
 
 inline float to_f(float x) { return x; }
 inline float to_f(bf16 x) { return static_cast<float>(x); }
+inline float to_f(fp16 x) { return static_cast<float>(x); }
 template <typename T> inline T from_f(float x) { return static_cast<T>(x); }
 
 inline float hsum8(__m256 v) {
@@ -49,6 +52,7 @@ inline __m256 load8(const bf16* p) {
   __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
+inline __m256 load8(const fp16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
 // exp(x) for x in fp32, AVX2 (Cephes-style: x = n ln2 + r, degree-6 polynomial, 2^n by exponent
 // bits); relative error ~2 ulp, exp(-inf) = 0, large x saturates to +inf.
@@ -269,18 +273,48 @@ void rope_rows(T* qkv, const float* rope, const int64_t* pos, int64_t N, int64_t
   }
 }
 
-template <typename T>
-void store_rows(const T* qkv, T* kv, int64_t layer, const int64_t* slots, int64_t N, int64_t H, int64_t Hkv,
+// dst[0:n] = src[0:n] in the cache's dtype, rounded to nearest even as torch's copy_ does
+template <typename T, typename C>
+inline void convert_row(const T* src, C* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::memcpy(dst, src, n * sizeof(T));
+  } else if constexpr (std::is_same_v<T, float> && std::is_same_v<C, fp16>) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) dst[i] = static_cast<C>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = from_f<C>(to_f(src[i]));
+  }
+}
+
+template <typename T, typename C>
+void store_rows(const T* qkv, C* kv, int64_t layer, const int64_t* slots, int64_t N, int64_t H, int64_t Hkv,
                 int64_t d, int64_t S) {
   const int64_t row = (H + 2 * Hkv) * d, hd = Hkv * d;
-  T* kb = kv + (layer * 2 + 0) * S * hd;
-  T* vb = kv + (layer * 2 + 1) * S * hd;
+  C* kb = kv + (layer * 2 + 0) * S * hd;
+  C* vb = kv + (layer * 2 + 1) * S * hd;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t s = slots[n];
     TORCH_CHECK(s >= 0 && s < S, "store: slot ", s, " out of range");
-    std::memcpy(kb + s * hd, qkv + n * row + H * d, hd * sizeof(T));
-    std::memcpy(vb + s * hd, qkv + n * row + (H + Hkv) * d, hd * sizeof(T));
+    convert_row(qkv + n * row + H * d, kb + s * hd, hd);
+    convert_row(qkv + n * row + (H + Hkv) * d, vb + s * hd, hd);
   }
+}
+
+// fn(T*, C*): the activation type T (fp32 / bf16) and the cache type C (fp32 / bf16 / fp16)
+template <typename F>
+void with_types(const torch::Tensor& qkv, const torch::Tensor& kv, const F& fn) {
+  auto cache = [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    switch (kv.scalar_type()) {
+      case torch::kFloat32: return fn(t, kv.data_ptr<float>());
+      case torch::kBFloat16: return fn(t, kv.data_ptr<bf16>());
+      default: return fn(t, kv.data_ptr<fp16>());
+    }
+  };
+  if (qkv.scalar_type() == torch::kFloat32) cache(qkv.data_ptr<float>());
+  else cache(qkv.data_ptr<bf16>());
 }
 
 void check_qkv(const torch::Tensor& qkv, int64_t H, int64_t Hkv, int64_t d) {
@@ -294,7 +328,8 @@ void check_kv(const torch::Tensor& kv, const torch::Tensor& qkv, int64_t layer, 
   check_cpu(kv, "kv cache");
   TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(3) == Hkv && kv.size(4) == d,
               "kv cache: [layers, 2, slots, Hkv, d] contiguous");
-  TORCH_CHECK(kv.scalar_type() == qkv.scalar_type(), "kv cache dtype must equal the activations'");
+  TORCH_CHECK(kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kBFloat16 ||
+                  kv.scalar_type() == torch::kHalf, "kv cache: fp32, bf16 or fp16");
   TORCH_CHECK(layer >= 0 && layer < kv.size(0), "layer out of range");
 }
 
@@ -318,10 +353,9 @@ void rope_store_(torch::Tensor qkv, torch::Tensor rope, torch::Tensor positions,
   const auto& sm = *slot_mapping;
   check_kv(c, qkv, layer, Hkv, d);
   TORCH_CHECK(sm.scalar_type() == torch::kInt64 && sm.is_contiguous() && sm.numel() == N, "slot_mapping: int64 [N]");
-  if (qkv.scalar_type() == torch::kFloat32)
-    store_rows(qkv.data_ptr<float>(), c.data_ptr<float>(), layer, sm.data_ptr<int64_t>(), N, H, Hkv, d, c.size(2));
-  else
-    store_rows(qkv.data_ptr<bf16>(), c.data_ptr<bf16>(), layer, sm.data_ptr<int64_t>(), N, H, Hkv, d, c.size(2));
+  with_types(qkv, c, [&](auto* a, auto* kvp) {
+    store_rows(a, kvp, layer, sm.data_ptr<int64_t>(), N, H, Hkv, d, c.size(2));
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,19 +386,17 @@ inline void axpy(float p, const T* v, float* y, int64_t d) {
   for (; i < d; ++i) y[i] += p * to_f(v[i]);
 }
 
-// Scores of 8 keys at once: 8 independent FMA chains over d (d % 8 == 0), then one transposing
-// reduction (hadd tree) to a vector of the 8 dot products, times scale. One hsum per key was
-// the cost before (and its latency chain): 4.7 ms a layer at 1024 tokens of context, 20 MHA heads
-// of 128, where the cache read alone takes ~1 ms.
-template <typename T>
-inline void qk8(const float* q, const T* const* kr, int64_t d, float scale, float* out) {
+// Scores of 8 keys at once (8 consecutive positions, one query head; d % 8 == 0): 8 independent
+// FMA chains over d, each q vector loaded once for the 8 keys, then one transposing reduction
+// (hadd tree) to a vector of the 8 dot products, times scale. Key row jj at kr[jj] + off.
+template <typename C>
+inline void qk8(const float* q, const C* const* kr, int64_t off, int64_t d, float scale, float* out) {
   __m256 a[8];
   for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_setzero_ps();
   for (int64_t e = 0; e < d; e += 8) {
     const __m256 qv = _mm256_loadu_ps(q + e);
-    for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_fmadd_ps(qv, load8(kr[jj] + e), a[jj]);
+    for (int jj = 0; jj < 8; ++jj) a[jj] = _mm256_fmadd_ps(qv, load8(kr[jj] + off + e), a[jj]);
   }
-  // hadd(x, y) per 128-bit lane: x0+x1, x2+x3, y0+y1, y2+y3 -> u0 = [a0..a3 low halves | a0..a3 high]
   const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
@@ -372,31 +404,26 @@ inline void qk8(const float* q, const T* const* kr, int64_t d, float scale, floa
   _mm256_storeu_ps(out, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
 }
 
-// out[0:8W] = inv * sum_j p[j] * v_j[0:8W]: W accumulators stay in registers over all keys (the
-// sum per lane runs in key order, the same roundings as an axpy per key)
-template <int W, typename T>
-inline void pv_block(const float* p, const T* const* vr, int64_t n, int64_t e0, float inv, T* out) {
-  __m256 r[W];
-  for (int i = 0; i < W; ++i) r[i] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const __m256 pj = _mm256_broadcast_ss(p + j);
-    const T* v = vr[j] + e0;
-    for (int i = 0; i < W; ++i) r[i] = _mm256_fmadd_ps(pj, load8(v + 8 * i), r[i]);
-  }
-  alignas(32) float b[8];
-  for (int i = 0; i < W; ++i) {
-    _mm256_store_ps(b, _mm256_mul_ps(r[i], _mm256_set1_ps(inv)));
-    for (int k = 0; k < 8; ++k) out[e0 + 8 * i + k] = from_f<T>(b[k]);
+// acc[0:d] += p[0] v[0][0:d] + ... + p[P-1] v[P-1][0:d], the keys in order (the roundings of an
+// axpy per key), d % 8 == 0
+template <int P, typename C>
+inline void pv_keys(const float* p, const C* const* v, int64_t d, float* acc) {
+  __m256 pj[P];
+  for (int j = 0; j < P; ++j) pj[j] = _mm256_broadcast_ss(p + j);
+  for (int64_t e = 0; e < d; e += 8) {
+    __m256 r = _mm256_loadu_ps(acc + e);
+    for (int j = 0; j < P; ++j) r = _mm256_fmadd_ps(pj[j], load8(v[j] + e), r);
+    _mm256_storeu_ps(acc + e, r);
   }
 }
 
-template <typename T>
-void decode_attn(const T* qkv, const T* kv, int64_t layer, int64_t S, const int64_t* slots, int64_t slot_start,
+template <typename T, typename C>
+void decode_attn(const T* qkv, const C* kv, int64_t layer, int64_t S, const int64_t* slots, int64_t slot_start,
                  int64_t L, const int64_t* lens, int64_t B, int64_t row0, int64_t H, int64_t Hkv, int64_t d,
                  int64_t window, float scale, T* out) {
   const int64_t g = H / Hkv, row = (H + 2 * Hkv) * d, hd = Hkv * d;
-  const T* kb = kv + (layer * 2 + 0) * S * hd;
-  const T* vb = kv + (layer * 2 + 1) * S * hd;
+  const C* kb = kv + (layer * 2 + 0) * S * hd;
+  const C* vb = kv + (layer * 2 + 1) * S * hd;
   std::vector<int64_t> first(B), count(B);
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -409,66 +436,112 @@ void decode_attn(const T* qkv, const T* kv, int64_t layer, int64_t S, const int6
     }
     work += count[b];
   }
-  // one task per (sequence, kv head); short contexts run inline (a thread fork costs more)
-  const int64_t tasks = B * Hkv;
-  const int64_t grain = work * H * d < (1 << 17) ? tasks : 1;
+  // Work items: (sequence, a run of its positions), all heads each (flash-decoding's split of the
+  // context). A slot's K (or V) rows of all heads are adjacent in the cache, and consecutive
+  // slots mostly are too (blocks of the pool), so an item reads long sequential runs that the
+  // prefetchers follow. (One task per kv head read 512 bytes per slot, 10 KiB apart at 4B
+  // shapes: ~8 GB/s per thread, latency-bound.) Each item keeps its own softmax maximum, sum and
+  // unnormalized weighted V sum; they are merged per sequence at the end (exact: rescaled by
+  // exp(max_i - max)). A context within one item gives the single-pass result.
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(16, ((work + 2 * threads - 1) / (2 * threads) + 7) / 8 * 8);
+  std::vector<int64_t> koff(H);  // query head h's K/V row within a slot
+  for (int64_t h = 0; h < H; ++h) koff[h] = (h / g) * d;
+  std::vector<int64_t> item_b, item_j0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < count[b]; j += chunk) item_b.push_back(b), item_j0.push_back(j);
+  const int64_t items = static_cast<int64_t>(item_b.size()), per = H * d + 2 * H;
+  std::vector<float> part(items * per);  // per item: weighted V sums [H, d], maxima [H], sums [H]
   const bool vec = d % 8 == 0;  // head dims of 64 / 128: the blocked loops; others the plain ones
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> q(g * d), acc(g * d), sc;
-    std::vector<const T*> krow, vrow;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hkv, hk = t % Hkv, n = count[b];
-      const T* qr = qkv + (row0 + b) * row + hk * g * d;
-      T* orow = out + (row0 + b) * H * d + hk * g * d;
-      if (n == 0) {  // nothing visible (not produced by the engine): zeros, as a fully masked row
-        for (int64_t e = 0; e < g * d; ++e) orow[e] = from_f<T>(0.f);
-        continue;
+  const int64_t grain = work * H * d < (1 << 17) ? std::max<int64_t>(1, items) : 1;  // short: inline
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(H * d), sc;
+    std::vector<const C*> krow, vrow;
+    int64_t qb = -1;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t b = item_b[it], j0 = item_j0[it], m = std::min(count[b], j0 + chunk) - j0;
+      if (b != qb) {
+        const T* qr = qkv + (row0 + b) * row;
+        for (int64_t e = 0; e < H * d; ++e) q[e] = to_f(qr[e]);
+        qb = b;
       }
-      for (int64_t e = 0; e < g * d; ++e) q[e] = to_f(qr[e]);
-      sc.assign(g * n + 8, 0.f);
-      krow.resize(n + 8), vrow.resize(n);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t s = slots ? slots[b * L + first[b] + j] : slot_start + first[b] + j;
-        krow[j] = kb + s * hd + hk * d, vrow[j] = vb + s * hd + hk * d;
+      krow.resize(m), vrow.resize(m);
+      for (int64_t j = 0; j < m; ++j) {  // each slot's head 0 (kv head hk: + hk d)
+        const int64_t pos = first[b] + j0 + j;
+        const int64_t s = slots ? slots[b * L + pos] : slot_start + pos;
+        krow[j] = kb + s * hd, vrow[j] = vb + s * hd;
       }
+      sc.assign(H * m, 0.f);  // [H, m]
       int64_t j = 0;
-      if (vec)
-        for (; j + 8 <= n; j += 8)
-          for (int64_t h = 0; h < g; ++h) qk8(q.data() + h * d, krow.data() + j, d, scale, sc.data() + h * n + j);
-      for (; j < n; ++j)
-        for (int64_t h = 0; h < g; ++h) sc[h * n + j] = dot(q.data() + h * d, krow[j], d) * scale;
-      std::vector<float> inv(g);
-      for (int64_t h = 0; h < g; ++h) {
-        float* x = sc.data() + h * n;
-        const float m = *std::max_element(x, x + n);
-        float sum = 0.f;
+      if (vec)  // 8 positions, all heads: the 8 slots' rows are each read front to back
+        for (; j + 8 <= m; j += 8)
+          for (int64_t h = 0; h < H; ++h) qk8(q.data() + h * d, krow.data() + j, koff[h], d, scale, sc.data() + h * m + j);
+      for (; j < m; ++j)
+        for (int64_t h = 0; h < H; ++h) sc[h * m + j] = dot(q.data() + h * d, krow[j] + koff[h], d) * scale;
+      float* acc = part.data() + it * per;
+      float* mx = acc + H * d;
+      float* sm = mx + H;
+      for (int64_t h = 0; h < H; ++h) {
+        float* x = sc.data() + h * m;
+        const float mm = *std::max_element(x, x + m);
         int64_t j = 0;
-        const __m256 mv = _mm256_set1_ps(m);
+        const __m256 mv = _mm256_set1_ps(mm);
         __m256 sv = _mm256_setzero_ps();
-        for (; j + 8 <= n; j += 8) {
+        for (; j + 8 <= m; j += 8) {
           __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
           _mm256_storeu_ps(x + j, e);
           sv = _mm256_add_ps(sv, e);
         }
-        sum = hsum8(sv);
-        for (; j < n; ++j) sum += (x[j] = exp1(x[j] - m));
-        inv[h] = 1.f / sum;
+        float sum = hsum8(sv);
+        for (; j < m; ++j) sum += (x[j] = exp1(x[j] - mm));
+        mx[h] = mm, sm[h] = sum;
       }
+      std::fill(acc, acc + H * d, 0.f);
+      j = 0;
       if (vec) {
-        for (int64_t h = 0; h < g; ++h) {
-          int64_t e0 = 0;
-          for (; e0 + 64 <= d; e0 += 64) pv_block<8>(sc.data() + h * n, vrow.data(), n, e0, inv[h], orow + h * d);
-          for (; e0 < d; e0 += 8) pv_block<1>(sc.data() + h * n, vrow.data(), n, e0, inv[h], orow + h * d);
-        }
-        continue;
+        for (; j + 8 <= m; j += 8)  // 8 keys per pass over a head's sums: fewer loads and stores of acc
+          for (int64_t h = 0; h < H; ++h) {
+            const C* v[8];
+            for (int k = 0; k < 8; ++k) v[k] = vrow[j + k] + koff[h];
+            pv_keys<8>(sc.data() + h * m + j, v, d, acc + h * d);
+          }
+        for (; j < m; ++j)
+          for (int64_t h = 0; h < H; ++h) {
+            const C* v[1] = {vrow[j] + koff[h]};
+            pv_keys<1>(sc.data() + h * m + j, v, d, acc + h * d);
+          }
+      } else {
+        for (; j < m; ++j)
+          for (int64_t h = 0; h < H; ++h) axpy(sc[h * m + j], vrow[j] + koff[h], acc + h * d, d);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t jj = 0; jj < n; ++jj)
-        for (int64_t h = 0; h < g; ++h) axpy(sc[h * n + jj], vrow[jj], acc.data() + h * d, d);
-      for (int64_t h = 0; h < g; ++h)
-        for (int64_t e = 0; e < d; ++e) orow[h * d + e] = from_f<T>(acc[h * d + e] * inv[h]);
     }
   });
+  // merge the items of each sequence (in order), normalize, write
+  std::vector<float> o(d);
+  for (int64_t b = 0, it0 = 0; b < B; ++b) {
+    int64_t it1 = it0;
+    while (it1 < items && item_b[it1] == b) ++it1;
+    T* orow = out + (row0 + b) * H * d;
+    for (int64_t h = 0; h < H; ++h) {
+      if (it1 == it0) {  // nothing visible (not produced by the engine): zeros, as a fully masked row
+        for (int64_t e = 0; e < d; ++e) orow[h * d + e] = from_f<T>(0.f);
+        continue;
+      }
+      float M = -INFINITY;
+      for (int64_t it = it0; it < it1; ++it) M = std::max(M, part[it * per + H * d + h]);
+      float sum = 0.f;
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t it = it0; it < it1; ++it) {
+        const float* a = part.data() + it * per;
+        const float w = it1 - it0 == 1 ? 1.f : std::exp(a[H * d + h] - M);
+        sum += w * a[H * d + H + h];
+        for (int64_t e = 0; e < d; ++e) o[e] += w * a[h * d + e];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t e = 0; e < d; ++e) orow[h * d + e] = from_f<T>(o[e] * inv);
+    }
+    it0 = it1;
+  }
 }
 
 void decode_attention_(torch::Tensor qkv, torch::Tensor kv, int64_t layer, torch::Tensor slots, int64_t slot_start,
@@ -494,12 +567,11 @@ void decode_attention_(torch::Tensor qkv, torch::Tensor kv, int64_t layer, torch
   TORCH_CHECK(row0 >= 0 && row0 + B <= qkv.size(0), "rows out of range");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type() && out.numel() == qkv.size(0) * H * d,
               "out: [N, H d] contiguous, activation dtype");
-  if (qkv.scalar_type() == torch::kFloat32)
-    decode_attn(qkv.data_ptr<float>(), kv.data_ptr<float>(), layer, kv.size(2), sp, slot_start, L,
-                lens.data_ptr<int64_t>(), B, row0, H, Hkv, d, window, static_cast<float>(scale), out.data_ptr<float>());
-  else
-    decode_attn(qkv.data_ptr<bf16>(), kv.data_ptr<bf16>(), layer, kv.size(2), sp, slot_start, L,
-                lens.data_ptr<int64_t>(), B, row0, H, Hkv, d, window, static_cast<float>(scale), out.data_ptr<bf16>());
+  with_types(qkv, kv, [&](auto* a, auto* kvp) {
+    using T = std::remove_pointer_t<decltype(a)>;
+    decode_attn(a, kvp, layer, kv.size(2), sp, slot_start, L, lens.data_ptr<int64_t>(), B, row0, H, Hkv, d,
+                window, static_cast<float>(scale), out.data_ptr<T>());
+  });
 }
 
 // The whole attention of an all-decode step in one call: RoPE, cache write, attention.

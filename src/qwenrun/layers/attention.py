@@ -143,12 +143,13 @@ def fused_attention(ops, qkv: torch.Tensor, n_heads: int, n_kv: int, rope: torch
     """``paged_attention`` with the fused CPU ops (layers/fused.py), straight from the qkv
     projection's output [N, (H + 2 Hkv) d] (pre-RoPE; rotated in place). Returns [N, H * d].
 
-    RoPE and the KV write are one call; decodes attend the fp32/bf16 cache in place (no gather,
-    no mask tensor); an all-decode step with one group is a single call per layer. An int8 cache,
-    or one in another dtype than the activations, keeps the plain write and attention."""
+    RoPE and the KV write are one call; decodes attend the fp32/bf16/fp16 cache in place (no
+    gather, no mask tensor; a 16-bit cache under fp32 activations is converted in registers, the
+    values the plain path's cache.read gives); an all-decode step with one group is a single call
+    per layer. An int8 cache keeps the plain write and attention."""
     n, d = qkv.shape[0], rope.shape[-1]
     window_i = window or 0
-    if cache.quantized or cache.dtype != qkv.dtype:
+    if not fused_cache(cache):
         ops.rope_store_(qkv, rope, positions, n_heads, n_kv, None, 0, None)
         q = qkv[:, :n_heads * d].view(n, n_heads, d)
         k = qkv[:, n_heads * d:(n_heads + n_kv) * d].view(n, n_kv, d)
@@ -174,6 +175,12 @@ def fused_attention(ops, qkv: torch.Tensor, n_heads: int, n_kv: int, rope: torch
 
 
 _NO_SLOTS = torch.empty(0, dtype=torch.long)
+FUSED_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_cache(cache) -> bool:
+    """The fused CPU ops read and write this cache in place (any activation dtype they take)."""
+    return not cache.quantized and cache.dtype in FUSED_KV_DTYPES
 
 
 def decode_slot_args(slots: torch.Tensor | slice) -> tuple[torch.Tensor, int]:

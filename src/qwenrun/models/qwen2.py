@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..layers import fused
-from ..layers.attention import AttentionMetadata, decode_slot_args, fused_attention, paged_attention
+from ..layers.attention import AttentionMetadata, decode_slot_args, fused_attention, fused_cache, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rotary, rope_table
 
@@ -283,10 +283,9 @@ class Qwen2ForCausalLM(nn.Module):
 
 def _decode_step_args(meta: AttentionMetadata, cache, h: torch.Tensor):
     """(slot_mapping, slots, slot_start, lens) when this step is decodes only, in one group, over
-    an unquantized cache in the activations' dtype: one fused attention call per layer."""
+    a cache the fused ops read in place (fp32 / bf16 / fp16): one fused attention call per layer."""
     groups = meta.decode_groups
-    if (meta.prefills or len(groups) != 1 or groups[0].end - groups[0].start != h.shape[0] or cache.quantized
-            or cache.dtype != h.dtype):
+    if meta.prefills or len(groups) != 1 or groups[0].end - groups[0].start != h.shape[0] or not fused_cache(cache):
         return None
     slots, start = decode_slot_args(groups[0].slots)
     return meta.slot_mapping, slots, start, groups[0].lens
