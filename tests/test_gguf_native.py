@@ -161,6 +161,19 @@ def test_q8_0_minus_128_takes_the_exact_path():
     ref = x.double() @ reference("Q8_0", raw, O, K).double().T
     assert rel(lin(x), ref) < 1e-6
     assert gguf.GGMLQuantizationType.Q8_0  # (the reference reads the same bytes)
+    if w.rows_m128 is not None:  # kernel builds: found per row by the repacker, in the same pass
+        assert w.rows_m128.tolist() == [False, True, False, False]
+    # inside an interleaved group (K = 288: 8 blocks permuted, then one plain block), and in the plain rest
+    O, K = 3, 288
+    clean = gguf_blocks("Q8_0", O, K, 11).reshape(O, K // 32, 34).copy()
+    assert pack("Q8_0", clean.reshape(O, -1), (O, K)).kernel_ok
+    for row, blk, pos in ((2, 5, 17), (0, 8, 31)):
+        b = clean.copy()
+        b[row, blk, 2 + pos] = 0x80
+        w = pack("Q8_0", b.reshape(O, -1), (O, K))
+        assert not w.kernel_ok and not GGUFLinear(w).use_kernel
+        if w.rows_m128 is not None:
+            assert w.rows_m128.tolist() == [r == row for r in range(O)]
 
 
 def test_concat_stacks_only_matching_layouts():

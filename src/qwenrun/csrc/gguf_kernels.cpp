@@ -911,12 +911,13 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
 // word m of an output group = word table[m] of the input group; a last partial group is copied.
 // One pass over the mapped file on all threads (its page faults are most of a load's time).
 std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
-                                            const c10::optional<torch::Tensor>& table_half, int64_t head) {
+                                            const c10::optional<torch::Tensor>& table_half, int64_t head,
+                                            bool find_m128) {
   TORCH_CHECK(src.dim() == 3 && src.element_size() == 1 && src.stride(2) == 1, "src must be [O, nb, B] bytes");
   TORCH_CHECK(head >= 0 && head < src.size(2), "bad head");
   const int64_t O = src.size(0), nb = src.size(1), Bb = src.size(2) - head;
   TORCH_CHECK(Bb % 4 == 0 && gb >= 1, "blocks must be whole words");
-  const int64_t gw = gb * Bb / 4;  // words per group
+  const int64_t gw = gb * Bb / 4, wpb = Bb / 4;  // words per group, per block
   TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.numel() == gw && table.is_contiguous(), "bad table");
   const int64_t* tab = table.data_ptr<int64_t>();
   for (int64_t m = 0; m < gw; ++m) TORCH_CHECK(0 <= tab[m] && tab[m] < gw, "table out of range");
@@ -928,33 +929,57 @@ std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torc
     tabh = table_half->data_ptr<int64_t>();
     for (int64_t m = 0; m < gw / 2; ++m) TORCH_CHECK(0 <= tabh[m] && tabh[m] < gw / 2, "half table out of range");
   }
+  const int64_t so = src.stride(0), sb = src.stride(1), ng = nb / gb;
+  // output word m of a group <- the bytes at this offset from the group's first block (input word
+  // tab[m] = word tab[m] % wpb of block tab[m] / wpb): no staging copy of the group
+  std::vector<int64_t> off(gw), offh(tabh ? gw / 2 : 0);
+  for (int64_t m = 0; m < gw; ++m) off[m] = (tab[m] / wpb) * sb + 4 * (tab[m] % wpb);
+  for (int64_t m = 0; m < static_cast<int64_t>(offh.size()); ++m) offh[m] = (tabh[m] / wpb) * sb + 4 * (tabh[m] % wpb);
   auto out = torch::empty({O, nb * Bb}, torch::kUInt8);
   auto heads = torch::empty({O, nb * head}, torch::kUInt8);
+  auto m128 = torch::zeros({find_m128 ? O : 0}, torch::kBool);  // per row: holds the byte 0x80 (Q8_0's -128)
   const uint8_t* s = reinterpret_cast<const uint8_t*>(src.data_ptr()) + head;
   uint8_t* d = reinterpret_cast<uint8_t*>(out.data_ptr());
   uint8_t* hd = heads.data_ptr<uint8_t>();
-  const int64_t so = src.stride(0), sb = src.stride(1), ng = nb / gb;
+  bool* mf = m128.data_ptr<bool>();
   at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, nb * Bb)), [&](int64_t o0, int64_t o1) {
-    std::vector<uint8_t> grp(gw * 4);
+    auto words = [](uint8_t* dst, const uint8_t* g, const int64_t* of, int64_t n) {
+      int64_t m = 0;
+      for (; m + 4 <= n; m += 4) {
+        uint32_t w0, w1, w2, w3;
+        std::memcpy(&w0, g + of[m], 4), std::memcpy(&w1, g + of[m + 1], 4);
+        std::memcpy(&w2, g + of[m + 2], 4), std::memcpy(&w3, g + of[m + 3], 4);
+        std::memcpy(dst + 4 * m, &w0, 4), std::memcpy(dst + 4 * m + 4, &w1, 4);
+        std::memcpy(dst + 4 * m + 8, &w2, 4), std::memcpy(dst + 4 * m + 12, &w3, 4);
+      }
+      for (; m < n; ++m) std::memcpy(dst + 4 * m, g + of[m], 4);
+    };
     for (int64_t o = o0; o < o1; ++o) {
       uint8_t* row = d + o * nb * Bb;
+      const uint8_t* so_row = s + o * so;
       if (head)
-        for (int64_t b = 0; b < nb; ++b) std::memcpy(hd + (o * nb + b) * head, s + o * so + b * sb - head, head);
-      for (int64_t g = 0; g < ng; ++g) {
-        for (int64_t i = 0; i < gb; ++i) std::memcpy(grp.data() + i * Bb, s + o * so + (g * gb + i) * sb, Bb);
-        uint8_t* og = row + g * gb * Bb;
-        for (int64_t m = 0; m < gw; ++m) std::memcpy(og + 4 * m, grp.data() + 4 * tab[m], 4);
-      }
+        for (int64_t b = 0; b < nb; ++b) std::memcpy(hd + (o * nb + b) * head, so_row + b * sb - head, head);
+      for (int64_t g = 0; g < ng; ++g) words(row + g * gb * Bb, so_row + g * gb * sb, off.data(), gw);
       int64_t b = ng * gb;
       if (tabh && nb - b >= gb / 2) {
-        for (int64_t i = 0; i < gb / 2; ++i) std::memcpy(grp.data() + i * Bb, s + o * so + (b + i) * sb, Bb);
-        for (int64_t m = 0; m < gw / 2; ++m) std::memcpy(row + b * Bb + 4 * m, grp.data() + 4 * tabh[m], 4);
+        words(row + b * Bb, so_row + b * sb, offh.data(), gw / 2);
         b += gb / 2;
       }
-      for (; b < nb; ++b) std::memcpy(row + b * Bb, s + o * so + b * sb, Bb);
+      for (; b < nb; ++b) std::memcpy(row + b * Bb, so_row + b * sb, Bb);
+      if (find_m128) {  // the row just written is in L1/L2
+        const int64_t n = nb * Bb;
+        __m256i hit = _mm256_setzero_si256();
+        const __m256i v80 = _mm256_set1_epi8(static_cast<char>(0x80));
+        int64_t i = 0;
+        for (; i + 32 <= n; i += 32)
+          hit = _mm256_or_si256(hit, _mm256_cmpeq_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)), v80));
+        bool any = !_mm256_testz_si256(hit, hit);
+        for (; i < n; ++i) any |= row[i] == 0x80;
+        mf[o] = any;
+      }
     }
   });
-  return {out, heads};
+  return {out, heads, m128};
 }
 
 // Q6_K blocks [O, nb, 210] (ql 128, qh 64, scales 16, d 2) -> the kernels' 6-bit storage:

@@ -213,7 +213,8 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
                          const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
                          int64_t r0, int64_t r1, torch::Tensor out);
 std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
-                                            const c10::optional<torch::Tensor>& table_half, int64_t head);
+                                            const c10::optional<torch::Tensor>& table_half, int64_t head,
+                                            bool find_m128);
 std::vector<torch::Tensor> bq_pack_q6k(const torch::Tensor& src);
 std::vector<torch::Tensor> bq_pack_q5(const torch::Tensor& src, int64_t head);
 

@@ -62,6 +62,8 @@ class BlockWeight:
     S: int
     bits: int
     zp: int = 0
+    # per row, whether q holds -128 (Q8_0, found by the C++ repacker in the same pass); None: not known
+    rows_m128: torch.Tensor | None = None
 
     @property
     def nib(self) -> bool:
@@ -71,7 +73,11 @@ class BlockWeight:
     @property
     def kernel_ok(self) -> bool:
         """The integer kernel's sign trick cannot represent -128 (only Q8_0 can hold it)."""
-        return self.nib or self.qtype != "Q8_0" or int(self.q.min()) > -128  # one pass, no temporary
+        if self.nib or self.qtype != "Q8_0":
+            return True
+        if self.rows_m128 is not None:
+            return not bool(self.rows_m128.any())
+        return int(self.q.min()) > -128  # one pass, no temporary
 
     def buffers(self) -> dict[str, torch.Tensor | None]:
         return {"q": self.q, "qh": self.qh, "d": self.d, "sc": self.sc, "dm": self.dm, "mn": self.mn}
@@ -245,13 +251,13 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
     nb = K // block
     src = _bytes(raw)
     b = src.view(O, nb, tsize)
-    sc = dm = mn = qh = None
+    sc = dm = mn = qh = m128 = None
     G, S, bits, zp = 32, block, 8, 0
     i8 = torch.int8
     ops = kernels.ops() if use_kernels else None
     if qtype == "Q8_0":
         if ops is not None:  # one pass over the mapped blocks: values permuted, fp16 d split off
-            q, head = ops.bq_permute_words(b, _sigma_words(32), 8, _sigma_words(32, 4), 2)
+            q, head, m128 = ops.bq_permute_words(b, _sigma_words(32), 8, _sigma_words(32, 4), 2, True)
             q, d = q.view(i8), head.view(torch.float16).view(O, nb)
         else:
             d = _f16(b[..., 0:2])
@@ -294,7 +300,7 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
     elif qtype in ("Q4_K", "Q5_K"):
         S = 256
         if qtype == "Q4_K" and ops is not None:  # one pass: nibble words permuted, the 16-byte heads split off
-            q4, head = ops.bq_permute_words(b, _q4k_words(), 1, None, 16)
+            q4, head, _ = ops.bq_permute_words(b, _q4k_words(), 1, None, 16, False)
             b = head.view(O, nb, 16)
         d, dm = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         s6, m6 = _scale_min_k4(b[..., 4:16])
@@ -338,7 +344,7 @@ def pack(qtype: str, raw, shape: tuple[int, int] | list[int], use_kernels: bool 
         return t.clone() if t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr() else t
 
     return BlockWeight(qtype, (O, K), own(q), own(qh), own(d, O, K // S), own(sc), own(dm, O, K // S), own(mn),
-                       G, S, bits, zp)
+                       G, S, bits, zp, m128)
 
 
 # -- dequantization (PyTorch; exact) ------------------------------------------------------------
