@@ -7,8 +7,10 @@
 //   silu_mul(gu) / silu_mul2(g, u)       silu(gate) * up (gate|up stacked in one tensor, or two)
 //   rope_store_(qkv, rope, pos, kv, ...) RoPE on q and k in place inside the qkv projection's
 //                                        output, then k and v written to their KV-cache slots
+//                                        (converted to the cache's dtype, round to nearest even)
 //   decode_attention_(qkv, kv, ...)      one query token per sequence over its cached context
-//                                        (fp32 or bf16 cache read in place, no gather, GQA)
+//                                        (fp32, bf16 or fp16 cache read in place under fp32 or
+//                                        bf16 activations, no gather, GQA)
 //   argmax_rows(logits, n)               greedy sampling: torch.argmax over the first n columns
 //
 // Bound as the extension's `fused` submodule (def_fused_ops at the end of this file).

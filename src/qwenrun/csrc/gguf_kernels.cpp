@@ -909,6 +909,8 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
 // src [O, nb, head + Bb] bytes (the last dimension contiguous, any strides else): each block's
 // first `head` bytes (scales) are copied to heads [O, nb * head]; of the rest, groups of gb blocks,
 // word m of an output group = word table[m] of the input group; a last partial group is copied.
+// With find_m128, also per row whether the values hold the byte 0x80 (Q8_0's -128, which the
+// GEMV's sign trick cannot take: gguf_linear routes such a tensor to the exact path).
 // One pass over the mapped file on all threads (its page faults are most of a load's time).
 std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
                                             const c10::optional<torch::Tensor>& table_half, int64_t head,
