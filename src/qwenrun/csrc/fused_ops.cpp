@@ -473,7 +473,7 @@ void decode_attn(const T* qkv, const C* kv, int64_t layer, int64_t S, const int6
         const int64_t s = slots ? slots[b * L + pos] : slot_start + pos;
         krow[j] = kb + s * hd, vrow[j] = vb + s * hd;
       }
-      sc.assign(H * m, 0.f);  // [H, m]
+      sc.resize(H * m);  // [H, m], every score written below
       int64_t j = 0;
       if (vec)  // 8 positions, all heads: the 8 slots' rows are each read front to back
         for (; j + 8 <= m; j += 8)

@@ -946,15 +946,7 @@ std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torc
   bool* mf = m128.data_ptr<bool>();
   at::parallel_for(0, O, std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, nb * Bb)), [&](int64_t o0, int64_t o1) {
     auto words = [](uint8_t* dst, const uint8_t* g, const int64_t* of, int64_t n) {
-      int64_t m = 0;
-      for (; m + 4 <= n; m += 4) {
-        uint32_t w0, w1, w2, w3;
-        std::memcpy(&w0, g + of[m], 4), std::memcpy(&w1, g + of[m + 1], 4);
-        std::memcpy(&w2, g + of[m + 2], 4), std::memcpy(&w3, g + of[m + 3], 4);
-        std::memcpy(dst + 4 * m, &w0, 4), std::memcpy(dst + 4 * m + 4, &w1, 4);
-        std::memcpy(dst + 4 * m + 8, &w2, 4), std::memcpy(dst + 4 * m + 12, &w3, 4);
-      }
-      for (; m < n; ++m) std::memcpy(dst + 4 * m, g + of[m], 4);
+      for (int64_t m = 0; m < n; ++m) std::memcpy(dst + 4 * m, g + of[m], 4);
     };
     for (int64_t o = o0; o < o1; ++o) {
       uint8_t* row = d + o * nb * Bb;
