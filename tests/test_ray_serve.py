@@ -293,17 +293,24 @@ def test_client_disconnect_aborts_on_the_replica(ray_srv):
         # the stream is closed: the engine request must be gone and its blocks freed
     m = wait_idle(ray_srv, 20)
     assert m[rid]["qwenrun:request_success_total{finished_reason=abort}"] >= 1
-    # a non-streamed request whose client gives up is aborted too
+    # a non-streamed request whose client gives up is aborted too. It must still be running when the
+    # client leaves on any CPU: 32 samples of 2,000 tokens (8 s here for 16; one of 1,500 tokens finished
+    # in 1.5 s here and sooner on a fast CI machine).
+    aborts = sum(r.get("qwenrun:request_success_total{finished_reason=abort}", 0) for r in m.values())
+    t0 = time.monotonic()
     with pytest.raises(httpx.TimeoutException):
-        post(ray_srv, "/v1/completions", long, timeout=1.5)
-    wait_idle(ray_srv, 20)
+        post(ray_srv, "/v1/completions", {**long, "max_tokens": 2000, "n": 32}, timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    m = wait_idle(ray_srv, 20)
+    assert sum(r.get("qwenrun:request_success_total{finished_reason=abort}", 0) for r in m.values()) >= aborts + 1
 
 
 # -- faults ---------------------------------------------------------------------------------------
 def test_killed_replica_fails_its_requests_cleanly_and_serve_replaces_it(ray_srv):
     body = wait_healthy(ray_srv, 2, 60)
     pids = {r["id"]: r["pid"] for r in body["replicas"]}
-    long = {"model": "tiny", "prompt": "p", "max_tokens": 1500, "ignore_eos": True}
+    # the victim must outlive the 0.5 s below on any CPU: 4 samples of 2,000 tokens
+    long = {"model": "tiny", "prompt": "p", "max_tokens": 2000, "n": 4, "ignore_eos": True}
     with httpx.Client(timeout=120) as c, cf.ThreadPoolExecutor(8) as ex:
         with c.stream("POST", ray_srv.url + "/v1/completions", json={**long, "stream": True}, headers=AUTH) as s:
             victim = s.headers[HEADER]
@@ -362,19 +369,23 @@ def test_sigterm_drains_and_exits_0_leaving_no_ray_process(ray_srv):
     assert "raylet" in names and "gcs_server" in names, names  # the local cluster is the server's own
     with cf.ThreadPoolExecutor(1) as ex:
         def timed() -> tuple[httpx.Response, float]:
-            r = post(ray_srv, "/v1/completions", {"model": "tiny", "prompt": "drain me", "max_tokens": 1500,
-                                                  "ignore_eos": True})
+            r = post(ray_srv, "/v1/completions", {"model": "tiny", "prompt": "drain me", "max_tokens": 2000,
+                                                  "n": 4, "ignore_eos": True})
             return r, time.monotonic()
 
+        # SIGTERM as soon as the request runs on a replica (a fixed sleep raced a fast CPU)
         inflight = ex.submit(timed)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while not any(r["qwenrun:num_requests_running"] for r in replica_metrics(ray_srv).values()):
+            assert time.monotonic() < deadline and not inflight.done(), "the request never ran"
+            time.sleep(0.05)
         t_term = time.monotonic()
         ray_srv.proc.send_signal(signal.SIGTERM)
         rc = ray_srv.proc.wait(120)
         r, t_done = inflight.result()
     assert rc == 0, ray_srv.log()
     # it was still running when SIGTERM came, and was let finish (drained, not cut)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1500, r.text
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8000, r.text
     assert t_done > t_term
     _, alive = psutil.wait_procs(started, timeout=20)
     assert not alive, [(p.pid, p.name()) for p in alive]
