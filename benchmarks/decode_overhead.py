@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Per-token overhead of a decode step: wall time per step, time inside the linears (the
 quantized GEMVs / dense matmuls, lm_head included), and everything else (norms, RoPE, SiLU·mul,
-residuals, attention, sampler, scheduler, output processing, Python dispatch), with the fused CPU
-ops (layers/fused.py) on and off in the same process, rounds interleaved.
+residuals, attention, sampler, scheduler, output processing, Python dispatch), in three modes in
+the same process, rounds interleaved: plain (PyTorch ops), fused (the fused CPU ops of
+layers/fused.py, called layer by layer from Python) and plan (the one-call decode step,
+csrc/fused_ops.cpp DecodePlan, where every linear is a GGUF block weight; else as fused).
 
-    .venv/bin/python benchmarks/decode_overhead.py [MODEL] [-q int8|int4|none] [--rounds 12]
-        [--steps 16] [--context 64] [--threads N] [--random-weights]
+    .venv/bin/python benchmarks/decode_overhead.py [MODEL] [-q int8|int4|auto|none] [--rounds 12]
+        [--steps 16] [--context 64] [--threads N] [--random-weights] [--modes plain,fused,plan]
 
 Each round prefills one prompt of --context tokens, then times --steps single-token decode steps
 (batch 1) through LLMEngine.step(). Odd rounds time the bare step; even rounds wrap every linear's
 forward with a perf_counter pair to split the step (the wrapper's own ~1 us per call lands in
-"everything else", so that figure is an upper bound). Medians over rounds; the machine's load
+"everything else", so that figure is an upper bound). In plan mode only lm_head is wrapped; the
+layers' linears are timed by the plan's own clock around each kernel call. Medians over rounds; the machine's load
 average is printed before and after (the 2 vCPUs here are shared: expect noise).
 
 "everything else" is given twice: in wall time, and in the main thread's CPU time
@@ -56,7 +59,9 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as configured, 2 here)")
-    ap.add_argument("--modes", default="plain,fused", help="comma list of plain / fused")
+    ap.add_argument("--modes", default="plain,fused,plan",
+                    help="comma list of plain (PyTorch ops), fused (the fused ops, layer by layer from Python), "
+                         "plan (the one-call decode step where the model allows it; else as fused)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +76,8 @@ def main() -> int:
     except ImportError:  # a tree from before the fused ops (PYTHONPATH=<old checkout>/src): plain only
         fused = None
         args.modes = "plain"
+    if fused is not None and not hasattr(fused, "no_plan"):  # a tree from before the decode plan
+        args.modes = ",".join(m for m in args.modes.split(",") if m != "plan")
 
     print(f"cpu: {cpu_name()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -85,9 +92,15 @@ def main() -> int:
     lins = [m for name, m in model.named_modules() if name.endswith(("_proj", "lm_head"))]
     plain_fwd = {m: m.forward for m in lins}
 
-    def timers(on: bool) -> None:
+    def plan_seconds() -> float:  # time the one-call decode step spent in its linears (its own clock)
+        got = model.__dict__.get("_plan")
+        return got[0].seconds()["linears"] if got is not None else 0.0
+
+    def timers(on: bool, mode: str = "") -> None:
         for m in lins:
-            if not on:
+            # the plan runs the layers' linears itself (a Python wrapper on them turns it off):
+            # only the head is wrapped, the rest comes from the plan's clock
+            if not on or (mode == "plan" and m is not model.lm_head):
                 m.__dict__.pop("forward", None)
                 continue
 
@@ -104,17 +117,21 @@ def main() -> int:
         prompt = [1000 + (salt * 131 + j * 17) % 50000 for j in range(args.context)]
         eng.block_manager.reset_prefix_cache()
         eng.add_request(f"r{salt}-{mode}", None, sp, prompt_token_ids=prompt, output_kind=OutputKind.DELTA)
-        ctx = fused.disabled() if mode == "plain" and fused is not None else _null()
+        ctx = (fused.disabled() if mode == "plain" else fused.no_plan() if mode == "fused" else _null()) \
+            if fused is not None else _null()
         steps, toks = [], []
         with ctx:
             for o in eng.step():  # prefill (+ first token)
                 toks.extend(o.outputs[0].token_ids)
             while eng.has_unfinished_requests():
                 lin_time[0] = lin_time[1] = 0.0
+                p0 = plan_seconds()
                 t, c = time.perf_counter(), time.thread_time()
                 outs = eng.step()
                 c, t = time.thread_time() - c, time.perf_counter() - t
-                steps.append((t, c, lin_time[0], lin_time[1]))
+                # the plan's linears run on the main thread too (and the pool): wall and cpu alike
+                pl = plan_seconds() - p0 if mode == "plan" else 0.0
+                steps.append((t, c, lin_time[0] + pl, lin_time[1] + pl))
                 for o in outs:
                     toks.extend(o.outputs[0].token_ids)
         return steps, toks
@@ -126,9 +143,9 @@ def main() -> int:
     same = True
     for r in range(args.rounds):
         timed = r % 2 == 1
-        timers(timed)
         toks = {}
         for m in (modes if r % 4 < 2 else modes[::-1]):
+            timers(timed, m)
             steps, toks[m] = round_(m, r + 1)
             res[m]["timed" if timed else "bare"] += steps
         same &= all(t == toks[modes[0]] for t in toks.values())

@@ -778,6 +778,9 @@ struct Scratch {
 };
 thread_local Scratch scratch;
 
+void bq_gemv(const Weight& W, int64_t G, int64_t O, const void* x, bool xbf16, int64_t N, const YWriter& out,
+             const float* bp);
+
 }  // namespace
 
 // y[N, O] = x[N, K] @ W.T + bias, W in the block format above; x and y fp32 or bf16 (y in x's dtype)
@@ -786,15 +789,27 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
                         const c10::optional<torch::Tensor>& dm, const c10::optional<torch::Tensor>& mn, int64_t G,
                         int64_t S, int64_t bits, int64_t zp, const c10::optional<torch::Tensor>& bias) {
   const Weight W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
-  const int64_t N = x.size(0), K = W.K, O = q.size(0), nb = W.nb;
-  const int64_t nbp = (nb + kGroup - 1) / kGroup * kGroup;  // scales / sums padded with zeros
+  const int64_t N = x.size(0), K = W.K, O = q.size(0);
   qwenrun::check_common(x, q, bias, O);
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
 #if QWENRUN_AMX
-  if (N >= g_amx_min_rows) return bq_linear_tiles(W, x, G, O, bias ? bias->data_ptr<float>() : nullptr);
+  if (N >= g_amx_min_rows) return bq_linear_tiles(W, x, G, O, bp);
 #endif
-  const RowsFn rows_full = pick(W, G, dm.has_value(), sc.has_value(), kMaxNR);
-  const RowsFn rows_tail = pick(W, G, dm.has_value(), sc.has_value(), static_cast<int>(N % kMaxNR));
+  auto y = torch::empty({N, O}, x.options());
+  bq_gemv(W, G, O, x.data_ptr(), x.scalar_type() == torch::kBFloat16, N, YWriter(y), bp);
+  return y;
+}
+
+namespace {
+// The GEMV path of bq_linear on raw rows: x [N, K] (fp32 or bf16), y through `out`.
+void bq_gemv(const Weight& W, int64_t G, int64_t O, const void* x, bool xbf16, int64_t N, const YWriter& out,
+             const float* bp) {
+  const int64_t K = W.K, nb = W.nb;
+  const int64_t nbp = (nb + kGroup - 1) / kGroup * kGroup;  // scales / sums padded with zeros
+  const bool has_min = W.dm != nullptr, has_sc = W.sc != nullptr;
+  const RowsFn rows_full = pick(W, G, has_min, has_sc, kMaxNR);
+  const RowsFn rows_tail = pick(W, G, has_min, has_sc, static_cast<int>(N % kMaxNR));
   Scratch& scr = scratch;
   if (static_cast<int64_t>(scr.q.size()) < N * K) scr.q.resize(N * K), scr.a.resize(N * K), scr.p.resize(N * K);
   const int64_t per = G == 16 ? 2 : 1;  // activation sums per 32 (offsets), or per 16 (Q6_K's zero point)
@@ -804,7 +819,7 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
   for (int64_t n = 0; n < N; ++n) {
     int8_t* xq = scr.q.data() + n * K;
     float* xs = scr.s.data() + n * nbp;
-    quantize_row(x_row(x, n, scr.xf), K, K, kChunk, xq, xs);
+    quantize_row(x_row(x, xbf16, n, K, scr.xf), K, K, kChunk, xq, xs);
     float* xsum = scr.sum.data() + n * nbp * per;
     for (int64_t b = nb; b < nbp; ++b) xs[b] = 0.f;
     for (int64_t b = nb * per; b < nbp * per; ++b) xsum[b] = 0.f;
@@ -828,9 +843,6 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
   std::vector<Act> acts(N);
   for (int64_t n = 0; n < N; ++n)
     acts[n] = Act{scr.p.data() + n * K, scr.a.data() + n * K, scr.s.data() + n * nbp, scr.sum.data() + n * nbp * per};
-  auto y = torch::empty({N, O}, x.options());
-  const YWriter out(y);
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const int64_t row_bytes = W.ldq + W.ldh + W.ldd * 2 * (W.dm ? 2 : 1) + (W.sc ? W.ldg : 0) + (W.mn ? W.ldg : 0);
   auto one_row = [&](int64_t o, int64_t n0, int64_t n1) {
     float r[kMaxNR];
@@ -854,8 +866,96 @@ torch::Tensor bq_linear(const torch::Tensor& x, const torch::Tensor& q, const c1
       }
     });
   }
-  return y;
 }
+}  // namespace
+
+// A GGUF linear validated once, for callers in C++ (fused_ops.cpp's decode plan): bq_linear's
+// arithmetic on raw rows, y written ld elements apart (into a slice of a wider buffer).
+namespace qwenrun {
+struct BqPrepared {
+  Weight W;
+  int64_t G, O;
+  const float* bias;
+  std::vector<torch::Tensor> keep;  // the buffers W points into
+};
+
+std::shared_ptr<void> bq_prepare(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
+                                 const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                                 const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
+                                 const c10::optional<torch::Tensor>& bias, int64_t* O, int64_t* K) {
+  auto p = std::make_shared<BqPrepared>();
+  p->W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
+  p->G = G, p->O = q.size(0);
+  if (bias) TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == p->O && bias->is_contiguous(), "bad bias");
+  p->bias = bias ? bias->data_ptr<float>() : nullptr;
+  for (const auto* t : {&qh, &sc, &dm, &mn, &bias})
+    if (t->has_value()) p->keep.push_back(**t);
+  p->keep.push_back(q), p->keep.push_back(d);
+  *O = p->O, *K = p->W.K;
+  return p;
+}
+
+void bq_apply(const void* handle, const void* x, bool xbf16, int64_t N, void* y, int64_t ldy) {
+  const auto& p = *static_cast<const BqPrepared*>(handle);
+#if QWENRUN_AMX
+  if (N >= g_amx_min_rows) {  // many rows: the tiles, as bq_linear (rare in a decode step)
+    const auto opt = torch::TensorOptions().dtype(xbf16 ? torch::kBFloat16 : torch::kFloat32);
+    auto xt = torch::from_blob(const_cast<void*>(x), {N, p.W.K}, opt);
+    auto yt = bq_linear_tiles(p.W, xt, p.G, p.O, p.bias);
+    torch::from_blob(y, {N, p.O}, {ldy, 1}, opt).copy_(yt);
+    return;
+  }
+#endif
+  bq_gemv(p.W, p.G, p.O, x, xbf16, N, YWriter(y, xbf16, ldy), p.bias);
+}
+}  // namespace qwenrun
+
+namespace {
+// Row o of W in weight order, exactly gguf's values, into out (fp32, or bf16 rounded to nearest even)
+void dequant_row(const Weight& W, int64_t G, int64_t o, float* of, uint16_t* oh, int8_t* stored, int8_t* row) {
+  const int64_t K = W.K;
+  alignas(32) float buf[kChunk];
+  stored_ints(W, o, stored);
+  permute_words(stored, row, K, G, true);  // -> weight order
+  for (int64_t b = 0; b < W.nb; ++b) {
+    const int64_t s = b >> W.sshift;
+    const float dv = _cvtsh_ss(W.d[o * W.ldd + s]);
+    const int8_t* qb = row + b * kChunk;
+    // scale of weights 0-15 and 16-31 (two groups of 16 for Q6_K): d * sc, as gguf computes it
+    float s0 = dv, s1 = dv;
+    if (W.sc) {
+      s0 = dv * static_cast<float>(W.sc[o * W.ldg + (b * kChunk) / G]);
+      s1 = dv * static_cast<float>(W.sc[o * W.ldg + (b * kChunk + 16) / G]);
+    }
+    const __m256 off = _mm256_set1_ps(W.dm ? _cvtsh_ss(W.dm[o * W.ldd + s]) * static_cast<float>(W.mn[o * W.ldg + b])
+                                           : 0.f);  // offsets come with G == 32
+    for (int j = 0; j < 4; ++j) {  // v = (d * sc) * q, then - dm * mn: two roundings, as the reference
+      const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * j))));
+      __m256 v = _mm256_mul_ps(qf, _mm256_set1_ps(j < 2 ? s0 : s1));
+      if (W.dm) v = _mm256_sub_ps(v, off);
+      _mm256_store_ps(buf + 8 * j, v);
+    }
+    if (oh) for (int64_t i = 0; i < kChunk; ++i) oh[b * kChunk + i] = f32_to_bf16(buf[i]);
+    else std::memcpy(of + b * kChunk, buf, sizeof(buf));
+  }
+}
+
+// out [n, K] fp32 / bf16: row i is W's row row_of(i)
+template <typename RowOf>
+void dequant_rows_into(const Weight& W, int64_t G, int64_t n, const RowOf& row_of, torch::Tensor& out) {
+  const int64_t K = W.K;
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == n && out.size(1) == K &&
+              (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16), "bad out tile");
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  float* of = bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* oh = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  at::parallel_for(0, n, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t a, int64_t e) {
+    std::vector<int8_t> stored(K), row(K);
+    for (int64_t i = a; i < e; ++i)
+      dequant_row(W, G, row_of(i), of ? of + i * K : nullptr, oh ? oh + i * K : nullptr, stored.data(), row.data());
+  });
+}
+}  // namespace
 
 // Rows r0..r1 of W, exactly as gguf's dequantization computes them, into out [r1 - r0, K]
 // (fp32, or bf16 rounded to nearest even).
@@ -864,43 +964,23 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
                          const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
                          int64_t r0, int64_t r1, torch::Tensor out) {
   const Weight W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
-  const int64_t K = W.K;
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= q.size(0), "bad row range");
-  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0 && out.size(1) == K &&
-              (out.scalar_type() == torch::kFloat32 || out.scalar_type() == torch::kBFloat16), "bad out tile");
-  const bool bf16 = out.scalar_type() == torch::kBFloat16;
-  float* of = bf16 ? nullptr : out.data_ptr<float>();
-  uint16_t* oh = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
-  at::parallel_for(r0, r1, std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, K)), [&](int64_t a, int64_t e) {
-    alignas(32) float buf[kChunk];
-    std::vector<int8_t> stored(K), row(K);
-    for (int64_t o = a; o < e; ++o) {
-      stored_ints(W, o, stored.data());
-      permute_words(stored.data(), row.data(), K, G, true);  // -> weight order
-      for (int64_t b = 0; b < W.nb; ++b) {
-        const int64_t s = b >> W.sshift;
-        const float dv = _cvtsh_ss(W.d[o * W.ldd + s]);
-        const int8_t* qb = row.data() + b * kChunk;
-        // scale of weights 0-15 and 16-31 (two groups of 16 for Q6_K): d * sc, as gguf computes it
-        float s0 = dv, s1 = dv;
-        if (W.sc) {
-          s0 = dv * static_cast<float>(W.sc[o * W.ldg + (b * kChunk) / G]);
-          s1 = dv * static_cast<float>(W.sc[o * W.ldg + (b * kChunk + 16) / G]);
-        }
-        const __m256 off = _mm256_set1_ps(W.dm ? _cvtsh_ss(W.dm[o * W.ldd + s]) * static_cast<float>(W.mn[o * W.ldg + b])
-                                               : 0.f);  // offsets come with G == 32
-        for (int j = 0; j < 4; ++j) {  // v = (d * sc) * q, then - dm * mn: two roundings, as the reference
-          const __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * j))));
-          __m256 v = _mm256_mul_ps(qf, _mm256_set1_ps(j < 2 ? s0 : s1));
-          if (W.dm) v = _mm256_sub_ps(v, off);
-          _mm256_store_ps(buf + 8 * j, v);
-        }
-        const int64_t base = (o - r0) * K + b * kChunk;
-        if (bf16) for (int64_t i = 0; i < kChunk; ++i) oh[base + i] = f32_to_bf16(buf[i]);
-        else std::memcpy(of + base, buf, sizeof(buf));
-      }
-    }
-  });
+  dequant_rows_into(W, G, r1 - r0, [&](int64_t i) { return r0 + i; }, out);
+  return out;
+}
+
+// The rows ids[i] of W (an embedding lookup), exactly as bq_dequant, into out [len(ids), K].
+torch::Tensor bq_dequant_ids(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
+                             const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                             const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
+                             const torch::Tensor& ids, torch::Tensor out) {
+  const Weight W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "ids: int64 [n] contiguous");
+  const int64_t n = ids.numel(), O = q.size(0);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < O, "index ", ip[i], " is out of range for ", O, " rows");
+  dequant_rows_into(W, G, n, [&](int64_t i) { return ip[i]; }, out);
   return out;
 }
 

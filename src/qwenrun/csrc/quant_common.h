@@ -141,6 +141,15 @@ inline const float* x_row(const torch::Tensor& x, int64_t n, std::vector<float>&
   return buf.data();
 }
 
+// Row n of x [N, K] (fp32, or bf16 converted into buf) given as a pointer.
+inline const float* x_row(const void* x, bool bf16, int64_t n, int64_t K, std::vector<float>& buf) {
+  if (!bf16) return static_cast<const float*>(x) + n * K;
+  if (static_cast<int64_t>(buf.size()) < K) buf.resize(K);
+  const uint16_t* src = static_cast<const uint16_t*>(x) + n * K;
+  for (int64_t k = 0; k < K; ++k) buf[k] = bf16_to_f32(src[k]);
+  return buf.data();
+}
+
 // y[n, o] = v in y's dtype: fp32, or bf16 rounded to nearest even (= PyTorch's .to(bfloat16)),
 // so bf16 in / bf16 out is bit-identical to converting around an fp32 call.
 struct YWriter {
@@ -150,6 +159,10 @@ struct YWriter {
   explicit YWriter(torch::Tensor& y) : O(y.size(1)) {
     if (y.scalar_type() == torch::kFloat32) f = y.data_ptr<float>();
     else h = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  }
+  YWriter(void* y, bool bf16, int64_t ld) : O(ld) {  // rows ld elements apart (a slice of a wider row)
+    if (bf16) h = static_cast<uint16_t*>(y);
+    else f = static_cast<float*>(y);
   }
   void operator()(int64_t n, int64_t o, float v) const {
     if (f) f[n * O + o] = v;

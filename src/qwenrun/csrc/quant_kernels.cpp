@@ -212,6 +212,10 @@ torch::Tensor bq_dequant(const torch::Tensor& q, const c10::optional<torch::Tens
                          const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
                          const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
                          int64_t r0, int64_t r1, torch::Tensor out);
+torch::Tensor bq_dequant_ids(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
+                             const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
+                             const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
+                             const torch::Tensor& ids, torch::Tensor out);
 std::vector<torch::Tensor> bq_permute_words(const torch::Tensor& src, const torch::Tensor& table, int64_t gb,
                                             const c10::optional<torch::Tensor>& table_half, int64_t head,
                                             bool find_m128);
@@ -239,6 +243,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bq_tiles", &bq_tiles, "the many-row tile path this build has ('amx', 'amx (emulated)', ''); set_min_rows >= 0 sets the row count from which bq_linear takes it", pybind11::arg("set_min_rows") = -1);
   m.def("bq_tiles_min_rows", &bq_tiles_min_rows, "the row count from which bq_linear takes the tile path (-1: no tile path)");
   m.def("bq_dequant", &bq_dequant, "GGUF block-quantized rows -> fp32/bf16, exactly gguf's values");
+  m.def("bq_dequant_ids", &bq_dequant_ids, "GGUF block-quantized rows ids[i] -> fp32/bf16 (an embedding lookup), exactly gguf's values");
   m.def("bq_permute_words", &bq_permute_words, "GGUF blocks -> the kernels' interleaved word order (load time)");
   m.def("bq_pack_q6k", &bq_pack_q6k, "Q6_K blocks -> the kernels' 6-bit storage (load time)");
   m.def("bq_pack_q5", &bq_pack_q5, "Q5_0 / Q5_1 blocks -> the kernels' 5-bit storage (load time)");

@@ -51,15 +51,26 @@ class ModelRunner:
         # decodes first, shortest context first (so decode groups pad little), then prefill spans
         items = sorted(sched.scheduled, key=lambda s: (s.num_tokens > 1, s.start if s.num_tokens == 1 else 0))
         decodes = [s for s in items if s.num_tokens == 1]
-        ids: list[int] = []
-        pos_parts, slot_parts = [], []
-        for s in items:
-            ids.extend(s.seq.token_ids[s.start:s.start + s.num_tokens - s.num_spec])
-            ids.extend(s.spec)
-            pos_parts.append(torch.arange(s.start, s.start + s.num_tokens))
-            slot_parts.append(self._slots(s.seq, s.start, s.start + s.num_tokens))
-        positions = torch.cat(pos_parts)
-        slot_mapping = torch.cat(slot_parts)
+        if len(decodes) == len(items):
+            # decodes only (the steady state): ids, positions and slots as one tensor. The step
+            # runs right after the weights streamed through the caches, where each tensor op costs
+            # ~8 us in misses; this path makes 1 instead of 2 per sequence + 3.
+            bs = self.block_size
+            t = torch.tensor([[s.seq.token_ids[s.start] for s in items], [s.start for s in items],
+                              [s.seq.block_table[s.start // bs] * bs + s.start % bs for s in items]],
+                             dtype=torch.long)
+            ids_t, positions, slot_mapping = t[0], t[1], t[2]
+        else:
+            ids: list[int] = []
+            pos_parts, slot_parts = [], []
+            for s in items:
+                ids.extend(s.seq.token_ids[s.start:s.start + s.num_tokens - s.num_spec])
+                ids.extend(s.spec)
+                pos_parts.append(torch.arange(s.start, s.start + s.num_tokens))
+                slot_parts.append(self._slots(s.seq, s.start, s.start + s.num_tokens))
+            positions = torch.cat(pos_parts)
+            slot_mapping = torch.cat(slot_parts)
+            ids_t = torch.tensor(ids, dtype=torch.long)
         meta = AttentionMetadata(slot_mapping=slot_mapping.to(dev), num_decode=len(decodes))
         for g0, g1 in self._decode_groups(decodes):
             slots, lens = self._decode_slots(decodes[g0:g1], slot_mapping[g0:g1])
@@ -71,9 +82,9 @@ class ModelRunner:
             meta.prefills.append(PrefillSpan(offset, s.num_tokens, ctx, slots))
             offset += s.num_tokens
 
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        input_ids = ids_t.to(dev)
         hidden = self.model(input_ids, positions.to(dev), meta, self.cache)  # [N, D]
-        self.num_forward_tokens += len(ids)
+        self.num_forward_tokens += input_ids.numel()
         self.num_steps += 1
         self.max_batch_seqs = max(self.max_batch_seqs, len(items))
 
@@ -90,8 +101,11 @@ class ModelRunner:
             offset += s.num_tokens
         if not sample_rows:
             return {}
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [rows, V] fp32
+        if len(sample_rows) == hidden.shape[0]:  # every row samples (rows are in order): no gather
+            logits = self.model.compute_logits(hidden)
+        else:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))  # [rows, V] fp32
         for s in sample_items:
             seq = s.seq
             if seq.generator is None and seq.params.temperature != 0:

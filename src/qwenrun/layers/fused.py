@@ -1,6 +1,8 @@
 """Fused CPU ops for the decode step (``csrc/fused_ops.cpp``): what a layer does between its
 linears — RMSNorm with the residual add, RoPE + KV-cache write + decode attention, SiLU·mul — in
-four calls per layer instead of ~25 PyTorch dispatches.
+four calls per layer instead of ~25 PyTorch dispatches. When every linear is a GGUF block weight
+on its kernel, an all-decode step goes further: ``DecodePlan`` runs the whole layer loop, linears
+included, in one C++ call (qwen2._decode_plan; off with QWENRUN_NO_DECODE_PLAN=1 or ``no_plan()``).
 
 ``ops()`` returns the ops (the extension's ``fused`` submodule) or ``None``; with ``None`` the
 model runs its plain PyTorch path, which is also what the equivalence tests compare against.
@@ -43,6 +45,25 @@ def usable(x: torch.Tensor):
     if o is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return None
     return o
+
+
+_plan_off = 0
+
+
+def plan_disabled() -> bool:
+    """The one-call decode step (DecodePlan) is off: QWENRUN_NO_DECODE_PLAN=1 or ``no_plan()``;
+    the model then runs its per-layer fused loop (the plan's reference in tests)."""
+    return _plan_off > 0 or os.environ.get("QWENRUN_NO_DECODE_PLAN", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextmanager
+def no_plan():
+    global _plan_off
+    _plan_off += 1
+    try:
+        yield
+    finally:
+        _plan_off -= 1
 
 
 @contextmanager

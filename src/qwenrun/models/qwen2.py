@@ -166,8 +166,12 @@ class Qwen2ForCausalLM(nn.Module):
         layers = list(self.model.layers._modules.values())
         h = h.contiguous()
         eps = self.config.rms_norm_eps
-        x = ops.rms_norm(h, layers[0]._modules["input_layernorm"].weight, eps)
         step = _decode_step_args(meta, cache, h)
+        if step is not None:
+            plan = self._decode_plan(ops, h)
+            if plan is not None:  # the same ops in one C++ call (bit-identical to the loop below)
+                return plan.run(h, self.rope, positions, cache.data, *step)
+        x = ops.rms_norm(h, layers[0]._modules["input_layernorm"].weight, eps)
         final = self.model._modules["norm"]
         for i, layer in enumerate(layers):
             mods = layer._modules
@@ -193,6 +197,53 @@ class Qwen2ForCausalLM(nn.Module):
             nxt = layers[i + 1]._modules["input_layernorm"] if i + 1 < len(layers) else final
             x = ops.add_rms_norm_(h, mm["down_proj"].forward(act), nxt.weight, eps)
         return x
+
+    def _decode_plan(self, ops, h: torch.Tensor):
+        """The fused ops' DecodePlan (csrc/fused_ops.cpp: the layer loop of ``_forward_fused`` in
+        one call) when every linear is a GGUF block weight on its kernel and this batch is in the
+        kernels' row range; else None. Built once and kept while the linears' cached kernel
+        arguments and the norm weights stay the same objects, checked per step: any attribute
+        set on a quantized linear (a buffer, ``use_kernel``, an instance-level ``forward`` as
+        benchmarks install) drops its cached arguments (_QuantLinear.__setattr__), so the plan is
+        rebuilt, or declined. Sliding windows and head counts are read at build time."""
+        if fused.plan_disabled() or not hasattr(ops, "DecodePlan"):
+            return None
+        got = self.__dict__.get("_plan")
+        if got is not None:
+            plan, mods, kargs, norms, limit = got
+            if all(m._kargs is a for m, a in zip(mods, kargs)) and all(n.weight is w for n, w in norms):
+                return plan if h.shape[0] <= limit else None
+        self.__dict__["_plan"] = None
+        layers = list(self.model.layers._modules.values())
+        bf16 = h.dtype == torch.bfloat16
+        mods, specs, norms = [], [], []
+
+        def lin(m):
+            if getattr(m, "fmt", None) != "gguf" or m._ops is None or "forward" in m.__dict__:
+                raise LookupError
+            mods.append(m)
+            return m._cached_args()
+
+        try:
+            for layer in layers:
+                a, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+                am, mm = a._modules, mlp._modules
+                qkv = [am["qkv_proj"]] if "qkv_proj" in am else [am["q_proj"], am["k_proj"], am["v_proj"]]
+                gu = [mm["gate_up_proj"]] if "gate_up_proj" in mm else [mm["gate_proj"], mm["up_proj"]]
+                ln1, ln2 = layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"]
+                norms += [(ln1, ln1.weight), (ln2, ln2.weight)]
+                specs.append(([lin(m) for m in qkv], lin(am["o_proj"]), [lin(m) for m in gu], lin(mm["down_proj"]),
+                              ln1.weight, ln2.weight, a.layer_idx, a.window or 0, a.scale))
+        except LookupError:
+            return None
+        final = self.model._modules["norm"]
+        norms.append((final, final.weight))
+        a0 = layers[0]._modules["self_attn"]
+        plan = ops.DecodePlan(specs, final.weight, self.config.rms_norm_eps, a0.num_heads, a0.num_kv_heads,
+                              a0.head_dim)
+        limit = min(m.max_kernel_rows_bf16 if bf16 else m.max_kernel_rows for m in mods)
+        self.__dict__["_plan"] = (plan, mods, [m._kargs for m in mods], norms, limit)
+        return plan if h.shape[0] <= limit else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[M, D] → [M, V] fp32 logits, only for the rows that need them."""
