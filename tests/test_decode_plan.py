@@ -104,10 +104,26 @@ def test_plan_is_bit_identical_to_the_layer_loop(files, name, dtype, kv):
 
 
 @needs_plan
-@pytest.mark.parametrize("name", ["kquant-gqa", "window-mixed-mlp"])
-def test_batched_decode_through_the_engine(files, name):
+@pytest.mark.parametrize("name,tiles", [("kquant-gqa", False), ("window-mixed-mlp", False), ("kquant-gqa", True)])
+def test_batched_decode_through_the_engine(files, name, tiles):
     """LLM.generate with 3 sequences decoding together (a [B, L] slot table): the same tokens and
-    the same logprobs, to the bit, as the layer loop."""
+    the same logprobs, to the bit, as the layer loop. tiles: the linears take the many-row path
+    from 1 row on in both (AMX tiles, or their emulation, where the build has them; else this
+    case runs the GEMV again)."""
+    from qwenrun.quant import kernels as K
+
+    ops = K.ops()
+    default = ops.bq_tiles_min_rows()
+    if tiles and ops.bq_tiles():
+        ops.bq_tiles(1)
+    try:
+        _batched_decode(files, name)
+    finally:
+        if default > 0:
+            ops.bq_tiles(default)
+
+
+def _batched_decode(files, name):
     llm = LLM(str(files[name]), kv_cache_memory=0.02, block_size=4)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(PROMPT), tok.encode("Hello world!"), tok.encode(PROMPT[::-1])]
