@@ -13,7 +13,9 @@ Each round prefills one prompt of --context tokens, then times --steps single-to
 (batch 1) through LLMEngine.step(). Odd rounds time the bare step; even rounds wrap every linear's
 forward with a perf_counter pair to split the step (the wrapper's own ~1 us per call lands in
 "everything else", so that figure is an upper bound). In plan mode only lm_head is wrapped; the
-layers' linears are timed by the plan's own clock around each kernel call. Medians over rounds; the machine's load
+layers' linears are timed by the plan's own clock around each kernel call (wall time: the
+plan's CPU-time column subtracts that wall time too, which is exact with 1 thread only; with more,
+the main thread waits inside the linears and the column can even go negative). Medians over rounds; the machine's load
 average is printed before and after (the 2 vCPUs here are shared: expect noise).
 
 "everything else" is given twice: in wall time, and in the main thread's CPU time
