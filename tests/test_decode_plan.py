@@ -1,8 +1,8 @@
 """The one-call decode step (csrc/fused_ops.cpp DecodePlan, used by qwen2._forward_fused when every
-linear is a GGUF block weight) against the per-layer fused loop it replaces: bit-identical logits
-and cache contents, step by step, for K-quant and Q8_0 files (q/k/v stacked or separate, gate/up
-stacked or separate), MHA and GQA, sliding-window layers, fp32 and bf16 activations, fp32 and fp16
-caches, one sequence and batches; then when it must not be used, and the kernels' embedding
+linear has a kernel: GGUF block weights, int8, int4) against the per-layer fused loop it replaces:
+bit-identical logits and cache contents, step by step, for K-quant and Q8_0 files (q/k/v stacked
+or separate, gate/up stacked or separate) and int8 / int4 requantized checkpoints, MHA and GQA,
+sliding-window layers, fp32 and bf16 activations, fp32 and fp16 caches, one sequence and batches; then when it must not be used, and the kernels' embedding
 lookup (bq_dequant_ids) against gguf's dequantization."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qwenrun.layers import fused
 from qwenrun.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from qwenrun.loader import load
 from qwenrun.quant import kernels
-from qwenrun.quant.gguf_linear import GGUFEmbedding, GGUFLinear, dequantize, pack
+from qwenrun.quant.gguf_linear import GGUFEmbedding, dequantize, pack
 from test_gguf_native import SHAPES, _kquant_gguf, gguf_blocks
 from tiny import write_tiny_checkpoint
 
@@ -42,7 +42,18 @@ def files(tmp_path_factory):
     src = write_tiny_checkpoint(d / "sw", hidden=256, intermediate=512, heads=4, kv_heads=2, layers=3,
                                 use_sliding_window=True, sliding_window=8, max_window_layers=1)
     out["window-mixed-mlp"] = _kquant_gguf(src, d / "sw.gguf", MIXED_MLP)
+    # safetensors checkpoints requantized to int8 / int4 (odd sizes: padded rows of K)
+    out["hf"] = write_tiny_checkpoint(d / "hf", hidden=96, intermediate=160, heads=4, kv_heads=2, head_dim=32)
     return out
+
+
+def _load(files, name, dtype):
+    if name in ("int8", "int4"):
+        from qwenrun.quant import quantizer_for
+
+        cfg = EngineConfig(model=str(files["hf"]), dtype=dtype, quantization=name)
+        return load(cfg, progress=False, on_linear=quantizer_for(cfg))
+    return load(EngineConfig(model=str(files[name]), dtype=dtype), progress=False)
 
 
 def _steps(model, ids: list[int], decode: int, kv_dtype, forced: list[int] | None = None):
@@ -79,13 +90,14 @@ def _plan_ran(model) -> bool:
 
 
 @needs_plan
-@pytest.mark.parametrize("name", ["kquant-gqa", "q8-mha", "window-mixed-mlp"])
+@pytest.mark.parametrize("name", ["kquant-gqa", "q8-mha", "window-mixed-mlp", "int8", "int4"])
 @pytest.mark.parametrize("dtype,kv", [("float32", torch.float32), ("float32", torch.float16),
                                       ("bfloat16", torch.bfloat16)])
 def test_plan_is_bit_identical_to_the_layer_loop(files, name, dtype, kv):
-    lm = load(EngineConfig(model=str(files[name]), dtype=dtype), progress=False)
+    lm = _load(files, name, dtype)
     m = lm.model
-    assert all(isinstance(mod, GGUFLinear) for n, mod in m.named_modules() if n.endswith("_proj"))
+    kind = {"int8": "int8", "int4": "int4"}.get(name, "gguf")
+    assert all(mod.fmt == kind for n, mod in m.named_modules() if n.endswith("_proj"))
     layer0 = m.model.layers[0]
     if name == "kquant-gqa":  # q/k (Q4_K) and v (Q6_K) stay three linears; gate/up are stacked
         assert layer0.self_attn.qkv_proj is None and layer0.mlp.gate_up_proj is not None
@@ -140,8 +152,9 @@ def _batched_decode(files, name):
 
 
 @needs_plan
-def test_demo_greedy_tokens_and_logprobs_identical():
-    llm = LLM("demo", kv_cache_memory=0.25, max_model_len=512)
+@pytest.mark.parametrize("quantization", ["auto", "int4"])
+def test_demo_greedy_tokens_and_logprobs_identical(quantization):
+    llm = LLM("demo", kv_cache_memory=0.25, max_model_len=512, quantization=quantization)
     prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     got = llm.generate([prompt], sp)[0].outputs[0]
@@ -203,8 +216,10 @@ def test_plan_rejects_bad_arguments(files):
         plan.run(h, m.rope, one, cache.data, torch.tensor([999]), none, 0, torch.tensor([2]))
     with pytest.raises(RuntimeError, match="h \\[B, D\\]"):
         plan.run(torch.zeros(1, 7), m.rope, one, cache.data, one, none, 0, torch.tensor([2]))
-    with pytest.raises(RuntimeError, match="a linear is the 11"):
-        OPS.DecodePlan([([()], (), [()], (), h[0], h[0], 0, 0, 1.0)], h[0], 1e-6, 4, 4, 64)
+    with pytest.raises(RuntimeError, match="a GGUF linear has 11"):
+        OPS.DecodePlan([([("gguf", 8, ())], (), [()], (), h[0], h[0], 0, 0, 1.0)], h[0], 1e-6, 4, 4, 64)
+    with pytest.raises(RuntimeError, match="no kernel for linear format 'fp8'"):
+        OPS.DecodePlan([([("fp8", 8, ())], (), [()], (), h[0], h[0], 0, 0, 1.0)], h[0], 1e-6, 4, 4, 64)
 
 
 @pytest.mark.skipif(kernels.ops() is None, reason="kernels unavailable (no AVX2)")

@@ -59,6 +59,28 @@ def test_rms_norm_and_residual(dtype, n, dim):
 
 
 @needs_ops
+def test_bf16_rounding_of_the_vector_paths_on_edge_values():
+    """The ops' vector bf16 rounding (round-to-nearest-even, NaN -> 0x7FC0) against PyTorch's, on
+    exact ties both ways, overflow to inf, infinities, NaN, signed zeros and subnormals, in the
+    8-lane loop and the scalar tail (24 = 3 vectors, 27 = + 3 tail lanes)."""
+    one, ulp = 1.0, 2.0 ** -7
+    big = torch.finfo(torch.bfloat16).max
+    a = [one, one + ulp, -one, -(one + ulp), big, -big, float("inf"), float("-inf"), float("nan"), 0.0, -0.0,
+         2.0 ** -130, 3.0, 1e-3, -7.5, 65504.0]
+    b = [ulp / 2, ulp / 2, -ulp / 2, -ulp / 2, big, -big, 1.0, 1.0, 1.0, -0.0, -0.0, 2.0 ** -131, ulp, 1e-5,
+         0.25, 1.0]
+    for dim in (24, 27):
+        x = torch.tensor((a * 2)[:dim], dtype=torch.bfloat16)[None]
+        r = torch.tensor((b * 2)[:dim], dtype=torch.bfloat16)[None]
+        h = x.clone()
+        OPS.add_rms_norm_(h, r, torch.ones(dim, dtype=torch.bfloat16), 1e-6)
+        want = x + r
+        assert torch.equal(h.view(torch.int16), want.view(torch.int16)) or torch.equal(
+            torch.where(want.isnan(), 0, h.view(torch.int16)), torch.where(want.isnan(), 0, want.view(torch.int16)))
+        assert h.isnan().eq(want.isnan()).all() and h[0, 4].isinf() and h[0, 5].isinf()
+
+
+@needs_ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,f", [(1, 4864), (4, 100), (3, 13)])
 def test_silu_mul(dtype, n, f):

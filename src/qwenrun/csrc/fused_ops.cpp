@@ -12,9 +12,10 @@
 //                                        (fp32, bf16 or fp16 cache read in place under fp32 or
 //                                        bf16 activations, no gather, GQA)
 //   argmax_rows(logits, n)               greedy sampling: torch.argmax over the first n columns
-//   DecodePlan(layers, ...).run(h, ...)  a whole all-decode step of a model whose linears are
-//                                        GGUF block weights: the layer loop above in one call,
-//                                        calling gguf_kernels.cpp's GEMV directly (bq_apply)
+//   DecodePlan(layers, ...).run(h, ...)  a whole all-decode step of a model whose linears all
+//                                        have kernels (GGUF blocks, int8, int4): the layer loop
+//                                        above in one call, the GEMVs called directly
+//                                        (PreparedLinear, quant_common.h)
 //
 // Bound as the extension's `fused` submodule (def_fused_ops at the end of this file).
 //
@@ -36,6 +37,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "quant_common.h"
 
 namespace {
 
@@ -60,6 +63,31 @@ inline __m256 load8(const bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 inline __m256 load8(const fp16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// v rounded to T: for bf16 the nearest-even bf16 value (as fp32; NaN -> 0x7FC0 as c10::BFloat16
+// gives), for fp32 v itself. Bit-identical to to_f(from_f<T>(x)) lane by lane.
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    static_assert(std::is_same_v<T, bf16>, "round8: fp32 or bf16");
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+}
+
+// p[0:8] = v, v already representable in T (round8 first)
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) {
+  const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+}
 
 // exp(x) for x in fp32, AVX2 (Cephes-style: x = n ln2 + r, degree-6 polynomial, 2^n by exponent
 // bits); relative error ~2 ulp, exp(-inf) = 0, large x saturates to +inf.
@@ -114,17 +142,15 @@ void rms_row(const T* x, const T* w, T* y, int64_t D, float eps) {
   float ss = hsum8(_mm256_add_ps(a0, a1));
   for (; i < D; ++i) ss += to_f(x[i]) * to_f(x[i]);
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-  if constexpr (std::is_same_v<T, float>) {
-    const __m256 rv = _mm256_set1_ps(r);
-    int64_t j = 0;
-    for (; j + 8 <= D; j += 8)
-      _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), rv), _mm256_loadu_ps(w + j)));
-    for (; j < D; ++j) y[j] = (x[j] * r) * w[j];
-  } else {
-    for (int64_t j = 0; j < D; ++j) {
-      const float n = to_f(from_f<T>(to_f(x[j]) * r));
-      y[j] = from_f<T>(to_f(w[j]) * n);
-    }
+  // y = (x * r) * w; bf16 rounds x * r to bf16 first (transformers' Qwen2RMSNorm: normalize in
+  // fp32, .to(bf16), then * weight)
+  const __m256 rv = _mm256_set1_ps(r);
+  int64_t j = 0;
+  for (; j + 8 <= D; j += 8)
+    store8(y + j, round8<T>(_mm256_mul_ps(load8(w + j), round8<T>(_mm256_mul_ps(load8(x + j), rv)))));
+  for (; j < D; ++j) {
+    const float n = to_f(from_f<T>(to_f(x[j]) * r));
+    y[j] = from_f<T>(to_f(w[j]) * n);
   }
 }
 
@@ -161,14 +187,9 @@ void add_rms_rows(T* h, const T* r, const T* w, T* y, int64_t N, int64_t D, floa
     for (int64_t row = r0; row < r1; ++row) {
       T* hr = h + row * D;
       const T* rr = r + row * D;
-      if constexpr (std::is_same_v<T, float>) {
-        int64_t j = 0;
-        for (; j + 8 <= D; j += 8)
-          _mm256_storeu_ps(hr + j, _mm256_add_ps(_mm256_loadu_ps(hr + j), _mm256_loadu_ps(rr + j)));
-        for (; j < D; ++j) hr[j] = hr[j] + rr[j];
-      } else {
-        for (int64_t j = 0; j < D; ++j) hr[j] = from_f<T>(to_f(hr[j]) + to_f(rr[j]));
-      }
+      int64_t j = 0;
+      for (; j + 8 <= D; j += 8) store8(hr + j, round8<T>(_mm256_add_ps(load8(hr + j), load8(rr + j))));
+      for (; j < D; ++j) hr[j] = from_f<T>(to_f(hr[j]) + to_f(rr[j]));
       rms_row(hr, w, y + row * D, D, eps);
     }
   });
@@ -196,7 +217,6 @@ template <typename T>
 void silu_mul_rows(const T* g, int64_t sg, const T* u, int64_t su, T* y, int64_t N, int64_t F) {
   at::parallel_for(0, N, N * F < (1 << 15) ? N : 1, [&](int64_t r0, int64_t r1) {
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-    alignas(32) float buf[8];
     for (int64_t row = r0; row < r1; ++row) {
       const T* gr = g + row * sg;
       const T* ur = u + row * su;
@@ -205,12 +225,7 @@ void silu_mul_rows(const T* g, int64_t sg, const T* u, int64_t su, T* y, int64_t
       for (; j + 8 <= F; j += 8) {
         __m256 x = load8(gr + j);
         __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, sign))));
-        if constexpr (std::is_same_v<T, float>) {
-          _mm256_storeu_ps(yr + j, _mm256_mul_ps(s, _mm256_loadu_ps(ur + j)));
-        } else {
-          _mm256_store_ps(buf, s);
-          for (int k = 0; k < 8; ++k) yr[j + k] = from_f<T>(to_f(from_f<T>(buf[k])) * to_f(ur[j + k]));
-        }
+        store8(yr + j, round8<T>(_mm256_mul_ps(round8<T>(s), load8(ur + j))));
       }
       for (; j < F; ++j) {
         const float x = to_f(gr[j]);
@@ -264,6 +279,22 @@ void rope_rows(T* qkv, const float* rope, const int64_t* pos, int64_t N, int64_t
     for (int64_t i = 0; i < d; ++i) {
       c[i] = to_f(from_f<T>(cs[i]));
       s[i] = to_f(from_f<T>(sn[i]));
+    }
+    if (half % 8 == 0) {  // 8 lanes of each half at a time, the same roundings as below
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      for (int64_t h = 0; h < nheads; ++h) {
+        T* xr = qkv + n * row_stride + h * d;
+        for (int64_t i = 0; i < half; i += 8) {
+          const __m256 lo = load8(xr + i), hi = load8(xr + i + half);
+          const __m256 cl = _mm256_loadu_ps(c.data() + i), ch = _mm256_loadu_ps(c.data() + i + half);
+          const __m256 sl = _mm256_loadu_ps(s.data() + i), sh = _mm256_loadu_ps(s.data() + i + half);
+          const __m256 a0 = round8<T>(_mm256_mul_ps(lo, cl)), b0 = round8<T>(_mm256_mul_ps(_mm256_xor_ps(hi, sign), sl));
+          const __m256 a1 = round8<T>(_mm256_mul_ps(hi, ch)), b1 = round8<T>(_mm256_mul_ps(lo, sh));
+          store8(xr + i, round8<T>(_mm256_add_ps(a0, b0)));
+          store8(xr + i + half, round8<T>(_mm256_add_ps(a1, b1)));
+        }
+      }
+      continue;
     }
     for (int64_t h = 0; h < nheads; ++h) {
       T* xr = qkv + n * row_stride + h * d;
@@ -643,7 +674,8 @@ std::vector<int64_t> argmax_rows(torch::Tensor logits, int64_t n) {
 
 
 // ---------------------------------------------------------------------------------------------
-// The whole decode step of a Qwen2 model whose linears are all GGUF block weights, in one call:
+// The whole decode step of a Qwen2 model whose linears all have kernels (GGUF block weights,
+// int8, int4), in one call:
 // the layer loop of qwen2._forward_fused in C++, the same kernels in the same order on the same
 // buffers, so the result is bit-identical to it. What it saves is not arithmetic: between two
 // linears the weight stream has evicted the caches, and each PyTorch call (Python frame, pybind
@@ -653,32 +685,51 @@ std::vector<int64_t> argmax_rows(torch::Tensor logits, int64_t n) {
 }  // namespace
 
 namespace qwenrun {
-std::shared_ptr<void> bq_prepare(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
-                                 const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
-                                 const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
-                                 const c10::optional<torch::Tensor>& bias, int64_t* O, int64_t* K);
-void bq_apply(const void* handle, const void* x, bool xbf16, int64_t N, void* y, int64_t ldy);
+// gguf_kernels.cpp / quant_kernels.cpp: the linears' kernels on raw rows (PreparedLinear)
+std::shared_ptr<PreparedLinear> bq_prepare(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh,
+                                           const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
+                                           const c10::optional<torch::Tensor>& dm,
+                                           const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits,
+                                           int64_t zp, const c10::optional<torch::Tensor>& bias);
+std::shared_ptr<PreparedLinear> int8_prepare(const torch::Tensor& qw, const torch::Tensor& scale,
+                                             const c10::optional<torch::Tensor>& bias, int64_t K);
+std::shared_ptr<PreparedLinear> int4_prepare(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d,
+                                             const c10::optional<torch::Tensor>& bias, int64_t K);
 }  // namespace qwenrun
 
 namespace {
 namespace py = pybind11;
 
-struct PlanLinear {
-  std::shared_ptr<void> h;
-  int64_t O = 0, K = 0;
-};
+using PlanLinear = std::shared_ptr<qwenrun::PreparedLinear>;
 
-// a GGUFLinear's kernel arguments: (q, qh, d, sc, dm, mn, G, S, bits, zp, bias), None for absent parts
-PlanLinear plan_linear(const py::handle& a) {
-  auto t = py::reinterpret_borrow<py::tuple>(a);
-  TORCH_CHECK(t.size() == 11, "decode plan: a linear is the 11 GGUF kernel arguments");
-  auto opt = [&](int i) {
+// (format, in_features, the module's kernel arguments), None for absent parts:
+//   "gguf": (q, qh, d, sc, dm, mn, G, S, bits, zp, bias); "int8": (qweight, scale, bias);
+//   "int4": (qweight, sub, d, bias)
+PlanLinear plan_linear(const py::handle& spec) {
+  auto s = py::reinterpret_borrow<py::tuple>(spec);
+  TORCH_CHECK(s.size() == 3, "decode plan: a linear is (format, in_features, kernel arguments)");
+  const auto fmt = s[0].cast<std::string>();
+  const auto K = s[1].cast<int64_t>();
+  auto t = py::reinterpret_borrow<py::tuple>(s[2]);
+  auto opt = [&](size_t i) {
     return t[i].is_none() ? c10::optional<torch::Tensor>() : c10::optional<torch::Tensor>(t[i].cast<torch::Tensor>());
   };
+  auto ten = [&](size_t i) { return t[i].cast<torch::Tensor>(); };
   PlanLinear l;
-  l.h = qwenrun::bq_prepare(t[0].cast<torch::Tensor>(), opt(1), t[2].cast<torch::Tensor>(), opt(3), opt(4), opt(5),
-                            t[6].cast<int64_t>(), t[7].cast<int64_t>(), t[8].cast<int64_t>(), t[9].cast<int64_t>(),
-                            opt(10), &l.O, &l.K);
+  if (fmt == "gguf") {
+    TORCH_CHECK(t.size() == 11, "decode plan: a GGUF linear has 11 kernel arguments");
+    l = qwenrun::bq_prepare(ten(0), opt(1), ten(2), opt(3), opt(4), opt(5), t[6].cast<int64_t>(), t[7].cast<int64_t>(),
+                            t[8].cast<int64_t>(), t[9].cast<int64_t>(), opt(10));
+  } else if (fmt == "int8") {
+    TORCH_CHECK(t.size() == 3, "decode plan: an int8 linear has 3 kernel arguments");
+    l = qwenrun::int8_prepare(ten(0), ten(1), opt(2), K);
+  } else if (fmt == "int4") {
+    TORCH_CHECK(t.size() == 4, "decode plan: an int4 linear has 4 kernel arguments");
+    l = qwenrun::int4_prepare(ten(0), ten(1), ten(2), opt(3), K);
+  } else {
+    TORCH_CHECK(false, "decode plan: no kernel for linear format '", fmt, "'");
+  }
+  TORCH_CHECK(l->K == K, "decode plan: the ", fmt, " weight has ", l->K, " inputs, the module ", K);
   return l;
 }
 
@@ -714,17 +765,17 @@ class DecodePlan {
       L.layer = t[6].cast<int64_t>(), L.window = t[7].cast<int64_t>(), L.scale = t[8].cast<float>();
       int64_t q = 0, g = 0;
       for (const auto& l : L.qkv) {
-        TORCH_CHECK(l.K == D_, "decode plan: q/k/v take the hidden size");
-        q += l.O;
+        TORCH_CHECK(l->K == D_, "decode plan: q/k/v take the hidden size");
+        q += l->O;
       }
       TORCH_CHECK(q == Q, "decode plan: q/k/v give ", q, " features, the heads need ", Q);
-      TORCH_CHECK(L.o.K == H * d && L.o.O == D_, "decode plan: o_proj shape");
-      TORCH_CHECK(L.gu.size() == 1 || (L.gu.size() == 2 && L.gu[0].O == L.gu[1].O), "decode plan: gate/up");
+      TORCH_CHECK(L.o->K == H * d && L.o->O == D_, "decode plan: o_proj shape");
+      TORCH_CHECK(L.gu.size() == 1 || (L.gu.size() == 2 && L.gu[0]->O == L.gu[1]->O), "decode plan: gate/up");
       for (const auto& l : L.gu) {
-        TORCH_CHECK(l.K == D_, "decode plan: gate/up take the hidden size");
-        g += l.O;
+        TORCH_CHECK(l->K == D_, "decode plan: gate/up take the hidden size");
+        g += l->O;
       }
-      TORCH_CHECK(g % 2 == 0 && L.down.K == g / 2 && L.down.O == D_, "decode plan: MLP shapes");
+      TORCH_CHECK(g % 2 == 0 && L.down->K == g / 2 && L.down->O == D_, "decode plan: MLP shapes");
       for (const auto* w : {&L.ln1, &L.ln2})
         TORCH_CHECK(w->numel() == D_ && w->scalar_type() == dtype_, "decode plan: norm weights [D], activation dtype");
       F_ = g / 2;
@@ -789,14 +840,14 @@ class DecodePlan {
       const int64_t* lp = lens.data_ptr<int64_t>();
       auto lin = [&](const PlanLinear& l, const T* in, int64_t n, T* out, int64_t ld) {
         const auto t0 = std::chrono::steady_clock::now();
-        qwenrun::bq_apply(l.h.get(), in, bf, n, out, ld);
+        l->apply(in, bf, n, out, ld);
         linear_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
       };
       rms_rows(hp, layers_[0].ln1.template data_ptr<T>(), xp, B, D_, eps_);
       for (size_t i = 0; i < layers_.size(); ++i) {
         const PlanLayer& L = layers_[i];
         int64_t off = 0;
-        for (const auto& l : L.qkv) lin(l, xp, B, qkv + off, Q), off += l.O;
+        for (const auto& l : L.qkv) lin(l, xp, B, qkv + off, Q), off += l->O;
         const auto t0 = std::chrono::steady_clock::now();
         rope_rows(qkv, rp, pos, B, H + Hkv, Q, d, P);
         store_rows(qkv, kvp, L.layer, sm, B, H, Hkv, d, S);

@@ -872,41 +872,40 @@ void bq_gemv(const Weight& W, int64_t G, int64_t O, const void* x, bool xbf16, i
 // A GGUF linear validated once, for callers in C++ (fused_ops.cpp's decode plan): bq_linear's
 // arithmetic on raw rows, y written ld elements apart (into a slice of a wider buffer).
 namespace qwenrun {
-struct BqPrepared {
+namespace {
+struct BqPrepared final : PreparedLinear {
   Weight W;
-  int64_t G, O;
+  int64_t G;
   const float* bias;
-  std::vector<torch::Tensor> keep;  // the buffers W points into
+  void apply(const void* x, bool xbf16, int64_t N, void* y, int64_t ldy) const override {
+#if QWENRUN_AMX
+    if (N >= g_amx_min_rows) {  // many rows: the tiles, as bq_linear (rare in a decode step)
+      const auto opt = torch::TensorOptions().dtype(xbf16 ? torch::kBFloat16 : torch::kFloat32);
+      auto xt = torch::from_blob(const_cast<void*>(x), {N, W.K}, opt);
+      auto yt = bq_linear_tiles(W, xt, G, O, bias);
+      torch::from_blob(y, {N, O}, {ldy, 1}, opt).copy_(yt);
+      return;
+    }
+#endif
+    bq_gemv(W, G, O, x, xbf16, N, YWriter(y, xbf16, ldy), bias);
+  }
 };
+}  // namespace
 
-std::shared_ptr<void> bq_prepare(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh, const torch::Tensor& d,
-                                 const c10::optional<torch::Tensor>& sc, const c10::optional<torch::Tensor>& dm,
-                                 const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits, int64_t zp,
-                                 const c10::optional<torch::Tensor>& bias, int64_t* O, int64_t* K) {
+std::shared_ptr<PreparedLinear> bq_prepare(const torch::Tensor& q, const c10::optional<torch::Tensor>& qh,
+                                           const torch::Tensor& d, const c10::optional<torch::Tensor>& sc,
+                                           const c10::optional<torch::Tensor>& dm,
+                                           const c10::optional<torch::Tensor>& mn, int64_t G, int64_t S, int64_t bits,
+                                           int64_t zp, const c10::optional<torch::Tensor>& bias) {
   auto p = std::make_shared<BqPrepared>();
   p->W = make_weight(q, qh, d, sc, dm, mn, G, S, bits, zp);
-  p->G = G, p->O = q.size(0);
+  p->G = G, p->O = q.size(0), p->K = p->W.K;
   if (bias) TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == p->O && bias->is_contiguous(), "bad bias");
   p->bias = bias ? bias->data_ptr<float>() : nullptr;
   for (const auto* t : {&qh, &sc, &dm, &mn, &bias})
     if (t->has_value()) p->keep.push_back(**t);
   p->keep.push_back(q), p->keep.push_back(d);
-  *O = p->O, *K = p->W.K;
   return p;
-}
-
-void bq_apply(const void* handle, const void* x, bool xbf16, int64_t N, void* y, int64_t ldy) {
-  const auto& p = *static_cast<const BqPrepared*>(handle);
-#if QWENRUN_AMX
-  if (N >= g_amx_min_rows) {  // many rows: the tiles, as bq_linear (rare in a decode step)
-    const auto opt = torch::TensorOptions().dtype(xbf16 ? torch::kBFloat16 : torch::kFloat32);
-    auto xt = torch::from_blob(const_cast<void*>(x), {N, p.W.K}, opt);
-    auto yt = bq_linear_tiles(p.W, xt, p.G, p.O, p.bias);
-    torch::from_blob(y, {N, p.O}, {ldy, 1}, opt).copy_(yt);
-    return;
-  }
-#endif
-  bq_gemv(p.W, p.G, p.O, x, xbf16, N, YWriter(y, xbf16, ldy), p.bias);
 }
 }  // namespace qwenrun
 

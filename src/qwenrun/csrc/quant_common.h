@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace qwenrun {
@@ -168,6 +169,16 @@ struct YWriter {
     if (f) f[n * O + o] = v;
     else h[n * O + o] = f32_to_bf16(v);
   }
+};
+
+// A quantized linear validated once, for callers in C++ (fused_ops.cpp's decode plan): y[n, :]
+// = W x[n, :] + b for N rows of x (fp32, or bf16 with y bf16), y rows ldy elements apart (a slice
+// of a wider buffer). The same arithmetic as the format's torch-facing entry point.
+struct PreparedLinear {
+  int64_t O = 0, K = 0;
+  std::vector<torch::Tensor> keep;  // the buffers the kernel reads
+  virtual ~PreparedLinear() = default;
+  virtual void apply(const void* x, bool xbf16, int64_t N, void* y, int64_t ldy) const = 0;
 };
 
 inline void check_common(const torch::Tensor& x, const torch::Tensor& qw, const c10::optional<torch::Tensor>& bias, int64_t O) {

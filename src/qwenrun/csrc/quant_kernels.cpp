@@ -112,13 +112,10 @@ thread_local Scratch scratch;
 
 }  // namespace
 
-// y[N, O] = x[N, K] @ (qw * scale[:, None])[:, :K].T + bias; x and y fp32 or bf16 (y in x's dtype)
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& bias) {
-  const int64_t N = x.size(0), K = x.size(1), O = qw.size(0), Kp = qw.size(1);
-  check_common(x, qw, bias, O);
-  TORCH_CHECK(qw.scalar_type() == torch::kInt8 && Kp % kBlk8 == 0 && Kp >= K && Kp - K < kBlk8, "bad int8 weight");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == O, "bad int8 scale");
+namespace {
+// int8 GEMV on raw rows: x [N, K] (fp32 or bf16), qw [O, Kp], y through out.
+void int8_gemv(const int8_t* wp, const float* sp, const float* bp, int64_t O, int64_t Kp, const void* x, bool xbf16,
+               int64_t N, int64_t K, const YWriter& out) {
   const int64_t nb = Kp / kBlk8;
   Scratch& sc = scratch;
   if (static_cast<int64_t>(sc.q.size()) < N * Kp) sc.q.resize(N * Kp), sc.a.resize(N * Kp);
@@ -127,33 +124,23 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   uint8_t* xa = sc.a.data();
   float* xs = sc.s.data();
   for (int64_t n = 0; n < N; ++n) {
-    quantize_row(x_row(x, n, sc.xf), K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
+    quantize_row(x_row(x, xbf16, n, K, sc.xf), K, Kp, kBlk8, xq + n * Kp, xs + n * nb);
     for (int64_t k = 0; k < Kp; k += 32)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + n * Kp + k),
                           _mm256_abs_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + n * Kp + k))));
   }
-  auto y = torch::empty({N, O}, x.options());
-  const YWriter out(y);
-  const int8_t* wp = qw.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   at::parallel_for(0, O, grain_for(Kp * N), [&](int64_t o0, int64_t o1) {
     for_rows_streamed(o0, o1, [&](int64_t o) {
       for (int64_t n = 0; n < N; ++n)  // the row stays in L1 for the other n
         out(n, o, int8_row(wp + o * Kp, xq + n * Kp, xa + n * Kp, xs + n * nb, nb) * sp[o] + (bp ? bp[o] : 0.f));
     });
   });
-  return y;
 }
 
-// y[N, O] = x @ W.T + bias for the int4 format above.
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sub,
-                          const torch::Tensor& d, const c10::optional<torch::Tensor>& bias) {
-  const int64_t N = x.size(0), K = x.size(1), O = qw.size(0), Kp = qw.size(1) * 2, nsb = Kp / kBlk4;
-  check_common(x, qw, bias, O);
-  TORCH_CHECK(qw.scalar_type() == torch::kUInt8 && Kp % kBlk4 == 0 && Kp >= K && Kp - K < kBlk4, "bad int4 weight");
-  TORCH_CHECK(sub.scalar_type() == torch::kInt8 && sub.is_contiguous() && sub.size(0) == O && sub.size(1) == nsb * 4, "bad int4 sub-scales");
-  TORCH_CHECK(d.scalar_type() == torch::kBFloat16 && d.is_contiguous() && d.size(0) == O && d.size(1) == nsb, "bad int4 scales");
+// int4 GEMV on raw rows (the format above), y through out.
+void int4_gemv(const uint8_t* wp, const int8_t* sp, const uint16_t* dp, const float* bp, int64_t O, int64_t Kp,
+               const void* x, bool xbf16, int64_t N, int64_t K, const YWriter& out) {
+  const int64_t nsb = Kp / kBlk4;
   Scratch& scr = scratch;
   if (static_cast<int64_t>(scr.q.size()) < N * Kp) scr.q.resize(N * Kp);
   if (static_cast<int64_t>(scr.tmp.size()) < Kp) scr.tmp.resize(Kp);
@@ -165,7 +152,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
   const __m256i eight = _mm256_set1_epi8(8);
   for (int64_t n = 0; n < N; ++n) {
     int8_t* t = scr.tmp.data();
-    quantize_row(x_row(x, n, scr.xf), K, Kp, kBlk4, t, xs + n * nsb);
+    quantize_row(x_row(x, xbf16, n, K, scr.xf), K, Kp, kBlk4, t, xs + n * nsb);
     int8_t* dst = xq + n * Kp;
     for (int64_t b = 0; b < nsb; ++b) {  // permute into the nibble order, then the offset correction
       for (int g = 0; g < 4; ++g)
@@ -176,12 +163,6 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xc + (n * nsb + b) * 16), c);
     }
   }
-  auto y = torch::empty({N, O}, x.options());
-  const YWriter out(y);
-  const uint8_t* wp = qw.data_ptr<uint8_t>();
-  const int8_t* sp = sub.data_ptr<int8_t>();
-  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>());
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const int64_t ldw = Kp / 2, ldsc = nsb * 4;
   at::parallel_for(0, O, grain_for(ldw * N), [&](int64_t o0, int64_t o1) {
     for_rows_streamed(o0, o1, [&](int64_t o) {
@@ -190,8 +171,102 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const
                            xs + n * nsb, nsb) + (bp ? bp[o] : 0.f));
     });
   });
+}
+
+void check_int8(const torch::Tensor& qw, const torch::Tensor& scale, int64_t K) {
+  const int64_t O = qw.size(0), Kp = qw.size(1);
+  TORCH_CHECK(qw.scalar_type() == torch::kInt8 && Kp % kBlk8 == 0 && Kp >= K && Kp - K < kBlk8, "bad int8 weight");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == O, "bad int8 scale");
+}
+
+void check_int4(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d, int64_t K) {
+  const int64_t O = qw.size(0), Kp = qw.size(1) * 2, nsb = Kp / kBlk4;
+  TORCH_CHECK(qw.scalar_type() == torch::kUInt8 && Kp % kBlk4 == 0 && Kp >= K && Kp - K < kBlk4, "bad int4 weight");
+  TORCH_CHECK(sub.scalar_type() == torch::kInt8 && sub.is_contiguous() && sub.size(0) == O && sub.size(1) == nsb * 4, "bad int4 sub-scales");
+  TORCH_CHECK(d.scalar_type() == torch::kBFloat16 && d.is_contiguous() && d.size(0) == O && d.size(1) == nsb, "bad int4 scales");
+}
+}  // namespace
+
+// y[N, O] = x[N, K] @ (qw * scale[:, None])[:, :K].T + bias; x and y fp32 or bf16 (y in x's dtype)
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias) {
+  const int64_t N = x.size(0), K = x.size(1), O = qw.size(0);
+  check_common(x, qw, bias, O);
+  check_int8(qw, scale, K);
+  auto y = torch::empty({N, O}, x.options());
+  int8_gemv(qw.data_ptr<int8_t>(), scale.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, O, qw.size(1),
+            x.data_ptr(), x.scalar_type() == torch::kBFloat16, N, K, YWriter(y));
   return y;
 }
+
+// y[N, O] = x @ W.T + bias for the int4 format above.
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& sub,
+                          const torch::Tensor& d, const c10::optional<torch::Tensor>& bias) {
+  const int64_t N = x.size(0), K = x.size(1), O = qw.size(0);
+  check_common(x, qw, bias, O);
+  check_int4(qw, sub, d, K);
+  auto y = torch::empty({N, O}, x.options());
+  int4_gemv(qw.data_ptr<uint8_t>(), sub.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>()),
+            bias ? bias->data_ptr<float>() : nullptr, O, qw.size(1) * 2, x.data_ptr(),
+            x.scalar_type() == torch::kBFloat16, N, K, YWriter(y));
+  return y;
+}
+
+// The int8 / int4 linears for the decode plan (PreparedLinear in quant_common.h).
+namespace qwenrun {
+namespace {
+void check_bias(const c10::optional<torch::Tensor>& bias, int64_t O) {
+  if (bias) TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == O && bias->is_contiguous(), "bad bias");
+}
+
+struct Int8Prepared final : PreparedLinear {
+  const int8_t* w;
+  const float *s, *b;
+  int64_t Kp;
+  void apply(const void* x, bool xbf16, int64_t N, void* y, int64_t ldy) const override {
+    int8_gemv(w, s, b, O, Kp, x, xbf16, N, K, YWriter(y, xbf16, ldy));
+  }
+};
+
+struct Int4Prepared final : PreparedLinear {
+  const uint8_t* w;
+  const int8_t* sub;
+  const uint16_t* d;
+  const float* b;
+  int64_t Kp;
+  void apply(const void* x, bool xbf16, int64_t N, void* y, int64_t ldy) const override {
+    int4_gemv(w, sub, d, b, O, Kp, x, xbf16, N, K, YWriter(y, xbf16, ldy));
+  }
+};
+}  // namespace
+
+std::shared_ptr<PreparedLinear> int8_prepare(const torch::Tensor& qw, const torch::Tensor& scale,
+                                             const c10::optional<torch::Tensor>& bias, int64_t K) {
+  TORCH_CHECK(qw.dim() == 2 && qw.is_contiguous() && scale.is_contiguous(), "int8 weight: contiguous 2-D");
+  check_int8(qw, scale, K);
+  check_bias(bias, qw.size(0));
+  auto p = std::make_shared<Int8Prepared>();
+  p->O = qw.size(0), p->K = K, p->Kp = qw.size(1);
+  p->w = qw.data_ptr<int8_t>(), p->s = scale.data_ptr<float>(), p->b = bias ? bias->data_ptr<float>() : nullptr;
+  p->keep = {qw, scale};
+  if (bias) p->keep.push_back(*bias);
+  return p;
+}
+
+std::shared_ptr<PreparedLinear> int4_prepare(const torch::Tensor& qw, const torch::Tensor& sub, const torch::Tensor& d,
+                                             const c10::optional<torch::Tensor>& bias, int64_t K) {
+  TORCH_CHECK(qw.dim() == 2 && qw.is_contiguous(), "int4 weight: contiguous 2-D");
+  check_int4(qw, sub, d, K);
+  check_bias(bias, qw.size(0));
+  auto p = std::make_shared<Int4Prepared>();
+  p->O = qw.size(0), p->K = K, p->Kp = qw.size(1) * 2;
+  p->w = qw.data_ptr<uint8_t>(), p->sub = sub.data_ptr<int8_t>();
+  p->d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>()), p->b = bias ? bias->data_ptr<float>() : nullptr;
+  p->keep = {qw, sub, d};
+  if (bias) p->keep.push_back(*bias);
+  return p;
+}
+}  // namespace qwenrun
 
 // quant_pack.cpp: load-time packing and the many-row path's dequantization.
 std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w);

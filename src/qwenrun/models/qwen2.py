@@ -200,8 +200,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     def _decode_plan(self, ops, h: torch.Tensor):
         """The fused ops' DecodePlan (csrc/fused_ops.cpp: the layer loop of ``_forward_fused`` in
-        one call) when every linear is a GGUF block weight on its kernel and this batch is in the
-        kernels' row range; else None. Built once and kept while the linears' cached kernel
+        one call) when every linear is on a kernel (GGUF block weights, int8, int4) and this batch
+        is in the kernels' row range; else None. Built once and kept while the linears' cached kernel
         arguments and the norm weights stay the same objects, checked per step: any attribute
         set on a quantized linear (a buffer, ``use_kernel``, an instance-level ``forward`` as
         benchmarks install) drops its cached arguments (_QuantLinear.__setattr__), so the plan is
@@ -219,10 +219,11 @@ class Qwen2ForCausalLM(nn.Module):
         mods, specs, norms = [], [], []
 
         def lin(m):
-            if getattr(m, "fmt", None) != "gguf" or m._ops is None or "forward" in m.__dict__:
+            fmt = getattr(m, "fmt", None)
+            if fmt not in ("gguf", "int8", "int4") or m._ops is None or "forward" in m.__dict__:
                 raise LookupError
             mods.append(m)
-            return m._cached_args()
+            return fmt, m.in_features, m._cached_args()
 
         try:
             for layer in layers:
