@@ -190,6 +190,32 @@ def test_kernel_bf16_in_and_out_equals_converting_around_fp32(fmt, layers, ops):
                 assert torch.equal(m(x), y)  # the module's decode path is the kernel itself
 
 
+@pytest.mark.skipif(kernels.ops() is None, reason="kernels unavailable (no AVX2)")
+def test_int4_then_int8_calls_share_scratch_safely():
+    """In a fresh process (empty per-thread buffers): an int4 call over many rows, then an int8 one
+    over fewer. The int4 GEMV grows its quantized-activation buffer but not the int8 GEMV's |x|
+    one; sizing both from the first crashed (segfault) before each buffer was checked on its own."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from qwenrun.quant import kernels\n"
+        "from qwenrun.quant.linear import Int4Linear, Int8Linear\n"
+        "ops = kernels.ops()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "w = torch.randn(64, 2560, generator=g) * 0.05\n"
+        "a, b = Int4Linear(w, None), Int8Linear(w, None)\n"
+        "a._kernel(ops, torch.randn(48, 2560, generator=g))\n"
+        "x = torch.randn(20, 2560, generator=g)\n"
+        "y = b._kernel(ops, x)\n"
+        "ref = x @ b.dequantize().T\n"
+        "assert ((y - ref).norm() / ref.norm()).item() < 0.02, (y - ref).norm()\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
 def test_fallback_forced_by_env(monkeypatch):
     monkeypatch.setenv("QWENRUN_NO_KERNELS", "1")
     assert kernels.ops() is None and "QWENRUN_NO_KERNELS" in kernels.unavailable_reason()

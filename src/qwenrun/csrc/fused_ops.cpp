@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "quant_common.h"
@@ -582,6 +583,19 @@ void decode_attn(const T* qkv, const C* kv, int64_t layer, int64_t S, const int6
   }
 }
 
+// A decode group's slot table: (L, slots [B, L] int64), or for empty slots (one sequence over the
+// consecutive slots from slot_start) (lens[0], nullptr).
+std::pair<int64_t, const int64_t*> slot_table(const torch::Tensor& slots, const torch::Tensor& lens) {
+  const int64_t B = lens.numel();
+  if (slots.numel() == 0) {
+    TORCH_CHECK(B == 1, "contiguous slots: one sequence");
+    return {lens.data_ptr<int64_t>()[0], nullptr};
+  }
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 2 && slots.size(0) == B,
+              "slots: int64 [B, L] contiguous");
+  return {slots.size(1), slots.data_ptr<int64_t>()};
+}
+
 void decode_attention_(torch::Tensor qkv, torch::Tensor kv, int64_t layer, torch::Tensor slots, int64_t slot_start,
                        torch::Tensor lens, int64_t row0, int64_t H, int64_t Hkv, int64_t window, double scale,
                        torch::Tensor out) {
@@ -591,17 +605,9 @@ void decode_attention_(torch::Tensor qkv, torch::Tensor kv, int64_t layer, torch
   check_kv(kv, qkv, layer, Hkv, d);
   TORCH_CHECK(lens.scalar_type() == torch::kInt64 && lens.is_contiguous() && lens.dim() == 1, "lens: int64 [B]");
   const int64_t B = lens.numel();
-  int64_t L;
-  const int64_t* sp = nullptr;
-  if (slots.numel() == 0) {
-    TORCH_CHECK(B == 1, "contiguous slots: one sequence");
-    L = lens.data_ptr<int64_t>()[0];
-  } else {
-    TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 2 &&
-                    slots.size(0) == B, "slots: int64 [B, L] contiguous");
-    L = slots.size(1);
-    sp = slots.data_ptr<int64_t>();
-  }
+  const auto table = slot_table(slots, lens);  // (not a structured binding: lambdas below capture these)
+  const int64_t L = table.first;
+  const int64_t* sp = table.second;
   TORCH_CHECK(row0 >= 0 && row0 + B <= qkv.size(0), "rows out of range");
   TORCH_CHECK(out.is_contiguous() && out.scalar_type() == qkv.scalar_type() && out.numel() == qkv.size(0) * H * d,
               "out: [N, H d] contiguous, activation dtype");
@@ -797,25 +803,12 @@ class DecodePlan {
                 "positions: int64 [B]");
     TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.is_contiguous() &&
                     slot_mapping.numel() == B, "slot_mapping: int64 [B]");
-    TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(1) == 2 && kv.size(3) == Hkv && kv.size(4) == d,
-                "kv cache: [layers, 2, slots, Hkv, d] contiguous");
-    TORCH_CHECK(kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kBFloat16 ||
-                    kv.scalar_type() == torch::kHalf, "kv cache: fp32, bf16 or fp16");
-    check_cpu(kv, "kv cache");
-    for (const auto& L : layers_) TORCH_CHECK(L.layer >= 0 && L.layer < kv.size(0), "decode plan: layer out of range");
+    for (const auto& L : layers_) check_kv(kv, h, L.layer, Hkv, d);
     TORCH_CHECK(lens.scalar_type() == torch::kInt64 && lens.is_contiguous() && lens.dim() == 1 && lens.numel() == B,
                 "lens: int64 [B]");
-    int64_t Lmax;
-    const int64_t* sp = nullptr;
-    if (slots.numel() == 0) {
-      TORCH_CHECK(B == 1, "contiguous slots: one sequence");
-      Lmax = lens.data_ptr<int64_t>()[0];
-    } else {
-      TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 2 &&
-                      slots.size(0) == B, "slots: int64 [B, L] contiguous");
-      Lmax = slots.size(1);
-      sp = slots.data_ptr<int64_t>();
-    }
+    const auto table = slot_table(slots, lens);
+    const int64_t Lmax = table.first;
+    const int64_t* sp = table.second;
     const int64_t P = rope.size(0), S = kv.size(2);
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* sm = slot_mapping.data_ptr<int64_t>();

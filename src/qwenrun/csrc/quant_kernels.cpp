@@ -110,6 +110,11 @@ struct Scratch {  // per-thread activation buffers, grown once and reused across
 };
 thread_local Scratch scratch;
 
+template <typename V>
+inline void grow(V& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
 }  // namespace
 
 namespace {
@@ -118,8 +123,9 @@ void int8_gemv(const int8_t* wp, const float* sp, const float* bp, int64_t O, in
                int64_t N, int64_t K, const YWriter& out) {
   const int64_t nb = Kp / kBlk8;
   Scratch& sc = scratch;
-  if (static_cast<int64_t>(sc.q.size()) < N * Kp) sc.q.resize(N * Kp), sc.a.resize(N * Kp);
-  if (static_cast<int64_t>(sc.s.size()) < N * nb) sc.s.resize(N * nb);
+  // each buffer checked on its own: the int4 GEMV grows q without a (it crashed here when an int4
+  // call had grown q past a and an int8 call then wrote a to q's size)
+  grow(sc.q, N * Kp), grow(sc.a, N * Kp), grow(sc.s, N * nb);
   int8_t* xq = sc.q.data();
   uint8_t* xa = sc.a.data();
   float* xs = sc.s.data();
@@ -142,10 +148,7 @@ void int4_gemv(const uint8_t* wp, const int8_t* sp, const uint16_t* dp, const fl
                const void* x, bool xbf16, int64_t N, int64_t K, const YWriter& out) {
   const int64_t nsb = Kp / kBlk4;
   Scratch& scr = scratch;
-  if (static_cast<int64_t>(scr.q.size()) < N * Kp) scr.q.resize(N * Kp);
-  if (static_cast<int64_t>(scr.tmp.size()) < Kp) scr.tmp.resize(Kp);
-  if (static_cast<int64_t>(scr.s.size()) < N * nsb) scr.s.resize(N * nsb);
-  if (static_cast<int64_t>(scr.c.size()) < N * nsb * 16) scr.c.resize(N * nsb * 16);
+  grow(scr.q, N * Kp), grow(scr.tmp, Kp), grow(scr.s, N * nsb), grow(scr.c, N * nsb * 16);
   int8_t* xq = scr.q.data();
   float* xs = scr.s.data();
   int16_t* xc = scr.c.data();

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .linear import KERNEL_MAX_ROWS, _QuantLinear, _tile_buffer
+from .linear import KERNEL_MAX_ROWS, KernelSwitch, _QuantLinear, _tile_buffer
 
 NATIVE_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -439,7 +439,7 @@ class GGUFLinear(_QuantLinear):
                             self.zp, r0, r1, _tile_buffer(r1 - r0, self.in_features, dtype))
 
 
-class GGUFEmbedding(nn.Module):
+class GGUFEmbedding(KernelSwitch, nn.Module):
     """Token embedding over a GGUF block-quantized table: the looked-up rows are dequantized
     (exactly) per call; the table stays at the file's precision."""
 
@@ -450,23 +450,6 @@ class GGUFEmbedding(nn.Module):
         for name, t in w.buffers().items():
             self.register_buffer(name, t)
         self._ops = kernels.ops()  # None: the tensor ops below (no kernels, or use_kernel = False)
-
-    @property
-    def use_kernel(self) -> bool:
-        return self._ops is not None
-
-    @use_kernel.setter
-    def use_kernel(self, on: bool) -> None:
-        self._ops = kernels.ops() if on else None
-
-    def __getstate__(self) -> dict:  # copy / pickle: the extension module itself can't be
-        state = dict(self.__dict__)
-        state["_ops"] = state["_ops"] is not None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._ops = kernels.ops() if state["_ops"] else None
 
     @property
     def block_weight(self) -> BlockWeight:

@@ -171,7 +171,33 @@ def _cat_rows(ts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(ts)
 
 
-class _QuantLinear(nn.Module):
+class KernelSwitch:
+    """``use_kernel`` for a module whose kernels are the extension held in ``_ops`` (None: its
+    PyTorch path). Copies and pickles keep the setting (the extension module itself can't be)."""
+
+    _ops: object
+
+    @property
+    def use_kernel(self) -> bool:
+        return self._ops is not None
+
+    @use_kernel.setter
+    def use_kernel(self, on: bool) -> None:
+        """False forces the PyTorch path (tests, debugging); True uses the kernels if available."""
+        self._ops = kernels.ops() if on else None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_ops"] = state["_ops"] is not None
+        state.pop("_kargs", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self._ops = kernels.ops() if state["_ops"] else None
+
+
+class _QuantLinear(KernelSwitch, nn.Module):
     """Shared forward: kernel for few rows, dequantized tiles + matmul otherwise."""
 
     in_features: int
@@ -221,25 +247,6 @@ class _QuantLinear(nn.Module):
 
     def _kernel(self, k, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    @property
-    def use_kernel(self) -> bool:
-        return self._ops is not None
-
-    @use_kernel.setter
-    def use_kernel(self, on: bool) -> None:
-        """False forces the PyTorch path (tests, debugging); True uses the kernels if available."""
-        self._ops = kernels.ops() if on else None
-
-    def __getstate__(self) -> dict:  # copy / pickle: the extension module itself can't be
-        state = dict(self.__dict__)
-        state["_ops"] = state["_ops"] is not None
-        state.pop("_kargs", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._ops = kernels.ops() if state["_ops"] else None
 
     @classmethod
     def concat(cls, mods: list["_QuantLinear"]) -> "_QuantLinear":
