@@ -200,6 +200,18 @@ def test_plan_not_used_or_rebuilt_when_the_model_changes(files):
 
 
 @needs_plan
+def test_plan_off_by_environment(files, monkeypatch):
+    lm = load(EngineConfig(model=str(files["q8-mha"])), progress=False)
+    ids = lm.tokenizer.encode(PROMPT)
+    monkeypatch.setenv("QWENRUN_NO_DECODE_PLAN", "1")
+    off, toks, _ = _steps(lm.model, ids, 3, torch.float32)
+    assert lm.model.__dict__.get("_plan") is None
+    monkeypatch.setenv("QWENRUN_NO_DECODE_PLAN", "0")
+    on, _, _ = _steps(lm.model, ids, 3, torch.float32, forced=toks)
+    assert _plan_ran(lm.model) and torch.equal(on, off)
+
+
+@needs_plan
 def test_plan_rejects_bad_arguments(files):
     lm = load(EngineConfig(model=str(files["q8-mha"])), progress=False)
     m = lm.model

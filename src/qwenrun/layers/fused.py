@@ -1,8 +1,9 @@
 """Fused CPU ops for the decode step (``csrc/fused_ops.cpp``): what a layer does between its
 linears — RMSNorm with the residual add, RoPE + KV-cache write + decode attention, SiLU·mul — in
-four calls per layer instead of ~25 PyTorch dispatches. When every linear is a GGUF block weight
-on its kernel, an all-decode step goes further: ``DecodePlan`` runs the whole layer loop, linears
-included, in one C++ call (qwen2._decode_plan; off with QWENRUN_NO_DECODE_PLAN=1 or ``no_plan()``).
+four calls per layer instead of ~25 PyTorch dispatches. When every linear runs on a kernel (GGUF
+blocks, int8, int4), an all-decode step goes further: ``DecodePlan`` runs the whole layer loop,
+linears included, in one C++ call (qwen2._decode_plan; off with QWENRUN_NO_DECODE_PLAN=1 or
+``no_plan()``).
 
 ``ops()`` returns the ops (the extension's ``fused`` submodule) or ``None``; with ``None`` the
 model runs its plain PyTorch path, which is also what the equivalence tests compare against.
@@ -21,8 +22,12 @@ _ops: object = _UNSET
 _forced_off = 0
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def disabled_by_env() -> bool:
-    return os.environ.get("QWENRUN_NO_FUSED", "").strip().lower() not in ("", "0", "false", "no")
+    return _env_on("QWENRUN_NO_FUSED")
 
 
 def ops():
@@ -53,7 +58,7 @@ _plan_off = 0
 def plan_disabled() -> bool:
     """The one-call decode step (DecodePlan) is off: QWENRUN_NO_DECODE_PLAN=1 or ``no_plan()``;
     the model then runs its per-layer fused loop (the plan's reference in tests)."""
-    return _plan_off > 0 or os.environ.get("QWENRUN_NO_DECODE_PLAN", "").strip().lower() not in ("", "0", "false", "no")
+    return _plan_off > 0 or _env_on("QWENRUN_NO_DECODE_PLAN")
 
 
 @contextmanager
