@@ -206,7 +206,7 @@ class Qwen2ForCausalLM(nn.Module):
         set on a quantized linear (a buffer, ``use_kernel``, an instance-level ``forward`` as
         benchmarks install) drops its cached arguments (_QuantLinear.__setattr__), so the plan is
         rebuilt, or declined. Sliding windows and head counts are read at build time."""
-        if fused.plan_disabled() or not hasattr(ops, "DecodePlan"):
+        if fused.plan_disabled():
             return None
         got = self.__dict__.get("_plan")
         if got is not None:
